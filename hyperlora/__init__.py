@@ -1,0 +1,1 @@
+"""HyperLoRA: continual learning with hypernetwork-generated LoRA (package initialised in the core commit)."""
