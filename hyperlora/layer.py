@@ -68,6 +68,8 @@ class HyperLoraLayer(BaseTunerLayer, nn.Module):
         """Fold the generated delta of the task the tuner selected into the base weight."""
         weight = self.get_base_layer().weight
         for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.module_index:
+                continue  # another adapter's layer: this adapter does not target it
             if name not in self._generated:
                 raise RuntimeError(
                     "HyperLoRA layers merge through the model: call model.merge_task(task_id) or merge_and_unload()"

@@ -334,6 +334,8 @@ def _resolve_task_ids(hypernet: HyperNetwork, task_ids: TaskIds) -> tuple[list[i
     if isinstance(task_ids, int) and not isinstance(task_ids, bool):
         return [hypernet.check_task(task_ids)], None
     ids = torch.as_tensor(task_ids)
+    if ids.numel() == 0:  # checked first: torch.as_tensor([]) is float32, which is not the caller's mistake
+        raise ValueError(f"task_ids must be 1-D with one task id per sample, got shape {tuple(ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"task_ids must hold integers (torch.long), got {ids.dtype}")
     if ids.ndim != 1 or ids.numel() == 0:
