@@ -237,7 +237,7 @@ class HyperLoraModel(BaseTuner):
     # --- merging -------------------------------------------------------------------------------------------------
 
     def merge_task(self, task_id: int, safe_merge: bool = False) -> None:
-        """Fold a task's generated delta into the base weights: inference at the base model's cost."""
+        """Fold a task's generated delta into the base weights (and make it active): inference at the base cost."""
         hypernet = self.hypernet
         hypernet.check_task(task_id)
         self.unmerge()
@@ -245,6 +245,7 @@ class HyperLoraModel(BaseTuner):
             for layer in self._layers:
                 layer.merge(safe_merge=safe_merge)
         hypernet.merged_task = task_id
+        self.set_task(task_id)
 
     def unmerge(self) -> None:
         """Undo merge_task (no-op when nothing is merged)."""
@@ -338,7 +339,9 @@ def _resolve_task_ids(hypernet: HyperNetwork, task_ids: TaskIds) -> tuple[list[i
         raise ValueError(f"task_ids must be 1-D with one task id per sample, got shape {tuple(ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"task_ids must hold integers (torch.long), got {ids.dtype}")
-    if ids.ndim != 1 or ids.numel() == 0:
+    if ids.ndim == 0:  # a scalar tensor or numpy integer: one task for the whole batch
+        return [hypernet.check_task(int(ids))], None
+    if ids.ndim != 1:
         raise ValueError(f"task_ids must be 1-D with one task id per sample, got shape {tuple(ids.shape)}")
     tasks = torch.unique(ids).tolist()
     for task_id in tasks:

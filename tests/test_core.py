@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -539,6 +540,9 @@ def test_merge_task_matches_unmerged_and_unmerge_restores(setup, kind):
             run(model, task_ids=0)
         with pytest.raises(ValueError, match="unmerge"):
             run(model, task_ids=[0, 1, 1, 0])
+        assert model.active_task == 1  # merging a task makes it the active one
+        assert_rel_close(run(model), unmerged[1])
+        model.set_task(2)
         with pytest.raises(ValueError, match="unmerge"):
             run(model)  # the active task (2) is not the merged one
 
@@ -600,3 +604,16 @@ def test_unload_returns_the_base_model(timm_vit, vit_images):
     assert not any(isinstance(m, HyperLoraLayer) for m in plain.modules())
     with torch.no_grad():
         assert_rel_close(plain(vit_images), reference(vit_images), rel=1e-5)
+
+
+def test_scalar_tensor_and_numpy_task_id_mean_one_task_for_the_batch(timm_vit, vit_images):
+    model, x = get_peft_model(timm_vit, HyperLoraConfig(r=4, lora_alpha=8)), vit_images
+    model.add_task()
+    model.add_task()
+    perturb(model)
+    with torch.no_grad():
+        expected = model(x, task_ids=1)
+        torch.testing.assert_close(model(x, task_ids=torch.tensor(1)), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(x, task_ids=np.int64(1)), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown task id 5"):
+        model(x, task_ids=torch.tensor(5))
