@@ -92,6 +92,7 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
         self.auth_headers: list[str] = []  # Authorization values seen, to check that tokens are sent
         self._lock = threading.Lock()
+        self._stop_lock = threading.Lock()
         self._lifetime_s = lifetime_s
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -118,14 +119,20 @@ class HubServer:
         return self
 
     def stop(self) -> None:
-        if self._timer is not None and self._timer is not threading.current_thread():
-            self._timer.cancel()
-        httpd, self._httpd = self._httpd, None
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+        """Idempotent; called by the fixture's teardown, or by the lifetime timer if nobody did."""
+        with self._stop_lock:
+            if self._timer is not None and self._timer is not threading.current_thread():
+                self._timer.cancel()
+            if self._httpd is not None:
+                self._httpd.shutdown()
+                self._httpd.server_close()
+                self._httpd = None  # only now: ``stopped`` means the port is closed
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+
+    @property
+    def stopped(self) -> bool:
+        return self._httpd is None
 
     def __enter__(self) -> HubServer:
         return self.start()

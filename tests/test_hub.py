@@ -472,7 +472,7 @@ def test_server_stops_by_itself() -> None:
     host, port = server.url.removeprefix("http://").split(":")
     socket.create_connection((host, int(port)), timeout=1).close()
     deadline = time.monotonic() + 5
-    while server._httpd is not None and time.monotonic() < deadline:
+    while not server.stopped and time.monotonic() < deadline:
         time.sleep(0.05)
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=1).close()
