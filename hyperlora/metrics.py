@@ -1,0 +1,44 @@
+"""Continual-learning metrics from the accuracy matrix R[i][j] (accuracy on task j after training task i)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+METRIC_KEYS = ("faa", "daa", "avg_incremental_accuracy", "forgetting", "bwt", "fwt")
+
+
+def continual_metrics(accuracy_matrix, baseline: Sequence[float] | None = None) -> dict[str, float | None]:
+    """FAA, DAA, average incremental accuracy, forgetting, BWT and FWT, as plain floats (None where undefined).
+
+    Only the lower triangle (with the diagonal) must be filled; FWT also reads R[j-1][j] and needs ``baseline``,
+    the accuracy b_j of the untrained task-j model.
+    """
+    R = np.asarray(accuracy_matrix, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] == 0:
+        raise ValueError(f"the accuracy matrix must be square and non-empty, got shape {R.shape}")
+    T = R.shape[0]
+    lower = R[np.tril_indices(T)]
+    if not np.isfinite(lower).all():
+        raise ValueError("the accuracy matrix has NaN or Inf on or below the diagonal: every seen task needs a value")
+    results: dict[str, float | None] = {
+        "faa": float(R[T - 1].mean()),
+        "daa": float(np.diag(R).mean()),
+        "avg_incremental_accuracy": float(np.mean([R[i, : i + 1].mean() for i in range(T)])),
+        "forgetting": None,
+        "bwt": None,
+        "fwt": None,
+    }
+    if T == 1:
+        return results
+    results["forgetting"] = float(np.mean([R[j : T - 1, j].max() - R[T - 1, j] for j in range(T - 1)]))
+    results["bwt"] = float(np.mean([R[T - 1, j] - R[j, j] for j in range(T - 1)]))
+    if baseline is not None:
+        b = np.asarray(baseline, dtype=np.float64)
+        if b.shape != (T,):
+            raise ValueError(f"baseline must have one entry per task ({T}), got shape {b.shape}")
+        transfer = [R[j - 1, j] - b[j] for j in range(1, T)]
+        if np.isfinite(transfer).all():
+            results["fwt"] = float(np.mean(transfer))
+    return results
