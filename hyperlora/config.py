@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from peft import PeftConfig
@@ -99,3 +99,14 @@ class HyperLoraConfig(PeftConfig):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
+
+
+def differing_fields(saved: dict, config: HyperLoraConfig) -> list[str]:
+    """HyperLoRA's own fields whose saved value (an adapter_config.json dict) differs from ``config``."""
+    own = {f.name for f in fields(HyperLoraConfig)} - {f.name for f in fields(PeftConfig)}
+    own |= {"target_modules", "exclude_modules", "modules_to_save"}
+
+    def normalise(value):
+        return sorted(value) if isinstance(value, list | set | tuple) else value
+
+    return sorted(name for name in own if normalise(saved.get(name)) != normalise(getattr(config, name)))

@@ -8,6 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+# One intra-op thread per test process: `pytest -n 2` on 2 cores runs two workers, and two torch thread pools
+# spinning on the same cores make small ops hundreds of times slower.
+torch.set_num_threads(1)
+
 # --- models ----------------------------------------------------------------------------------------------------------
 
 # The 1x1 convolutions of SmallCNN: what HyperLoRA can adapt there (``conv`` is 3x3 and cannot be adapted).

@@ -1,0 +1,591 @@
+"""ContinualTrainer: H-embedding guided training of one hypernetwork over a sequence of tasks.
+
+Per task t (ALGORITHM.md): H-scores of the old tasks' features on the new data, AHP target distances, the fitted
+H-embedding, training with CE + output regulariser + embedding guidance, then the router update and an evaluation of
+every task seen so far. Each finished task is checkpointed atomically, and every task reseeds from ``seed + t``, so a
+resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import plots
+from .checkpoint import atomic_directory, atomic_write_json, latest_checkpoint, publish_checkpoint
+from .config import HyperLoraConfig, differing_fields
+from .data import Task, TaskImages, image_spec, pooled_features
+from .embedding import fit_h_embedding, target_distances
+from .losses import GuidanceDecoder, guidance_loss, guidance_weight, output_regulariser
+from .metrics import METRIC_KEYS, continual_metrics
+from .router import GaussianRouter, entropy_route
+from .transferability import h_score
+
+
+@dataclass
+class ContinualTrainingArguments:
+    """How to train each task; the method's own switches live in HyperLoraConfig."""
+
+    output_dir: str = "outputs"
+    num_epochs: int = 2
+    max_steps_per_task: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    learning_rate: float = 1e-3
+    head_learning_rate: float = 1e-2
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    image_size: int | None = None
+    augment: bool = False
+    num_workers: int = 0
+    resume: bool = False
+    report_to: str | None = None
+    logging_steps: int = 20
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps_per_task is not None and self.max_steps_per_task < 1:
+            raise ValueError(f"max_steps_per_task must be >= 1 or None, got {self.max_steps_per_task}")
+        if not self.learning_rate > 0 or not self.head_learning_rate > 0:
+            raise ValueError("learning rates must be > 0")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+
+
+class _TaskStep(nn.Module):
+    """Everything one training step of task t computes, in one module so that DDP sees a single forward."""
+
+    def __init__(self, model: PeftModel, head: nn.Linear, decoder: GuidanceDecoder | None, reg_targets, config):
+        super().__init__()
+        self.model, self.head, self.decoder = model, head, decoder
+        self.reg_targets = reg_targets  # (A*, B*) per module, or None for the first task
+        self.config = config
+
+    def forward(self, pixel_values, labels, task_id: int, reg_tasks: list[int], h_embedding, beta_emb: float):
+        logits = self.head(pooled_features(self.model(pixel_values)))
+        ce = F.cross_entropy(logits.float(), labels)
+        losses = {"ce": ce}
+        extra = reg_tasks + ([task_id] if self.decoder is not None else [])
+        if extra:
+            out = self.model.base_model.generate(extra)
+            if reg_tasks:
+                losses["reg"] = output_regulariser(out, reg_tasks, *self.reg_targets)
+            if self.decoder is not None:
+                losses["emb"] = guidance_loss(self.decoder, out.hidden[-1:].float(), h_embedding)
+        loss = ce + self.config.beta_reg * losses.get("reg", 0.0) + beta_emb * losses.get("emb", 0.0)
+        return loss, {k: v.detach() for k, v in losses.items()}
+
+
+class ContinualTrainer:
+    """Train a HyperLoRA model on tasks one after another; see ``fit``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: HyperLoraConfig | None = None,
+        args: ContinualTrainingArguments | None = None,
+    ) -> None:
+        self.args = args or ContinualTrainingArguments()
+        if isinstance(model, PeftModel):
+            model_config = model.peft_config[model.active_adapter]
+            if not isinstance(model_config, HyperLoraConfig):
+                raise TypeError(f"the model carries a {type(model_config).__name__}, not a HyperLoraConfig")
+            if config is not None and config.to_dict() != model_config.to_dict():
+                raise ValueError("config differs from the config of the HyperLoRA model passed in: pass one of them")
+            self.model, self.config = model, model_config
+        else:
+            if config is None:
+                raise ValueError("pass a HyperLoraConfig with a base model (or a model from get_peft_model)")
+            self.model, self.config = get_peft_model(model, config), config
+        self.accelerator = Accelerator(
+            mixed_precision=self.args.mixed_precision,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            log_with=self.args.report_to,
+            project_dir=self.args.output_dir,
+        )
+        self.model.to(self.accelerator.device)
+        self.spec = image_spec(self.model, self.args.image_size)
+        self.output_dir = Path(self.args.output_dir)
+        self.heads = nn.ModuleList()
+        self.router: GaussianRouter | None = None
+
+    # --- public --------------------------------------------------------------------------------------------------
+
+    def fit(self, tasks: Sequence[Task]) -> dict[str, Any]:
+        """Train every task in order (resuming after the last checkpoint if asked) and return the metrics.
+
+        Writes under ``output_dir``: metrics.json, embeddings.json, adapter/ (PEFT), heads.safetensors,
+        router.safetensors, the plots, and checkpoints/ (one per finished task).
+        """
+        tasks = _check_tasks(tasks)
+        num_tasks = len(tasks)
+        self.offsets = np.cumsum([0] + [task.num_classes for task in tasks]).tolist()
+        state = self._fresh_state(tasks)
+        if self.args.resume:
+            state = self._restore(tasks, state)
+        if self.args.report_to and state["completed"] == 0:
+            self.accelerator.init_trackers("hyperlora", config={**asdict(self.args), **self.config.to_dict()})
+
+        bar = self._bar(total=num_tasks, initial=state["completed"], desc="tasks")
+        for t in range(state["completed"], num_tasks):
+            set_seed(self.args.seed + t)
+            start = time.perf_counter()
+            h_embedding = self._h_embedding(t, tasks, state)
+            state["timings"]["h_embedding_s"][t] = time.perf_counter() - start
+
+            start = time.perf_counter()
+            self._train_task(t, tasks[t], h_embedding)
+            state["timings"]["train_s"][t] = time.perf_counter() - start
+
+            start = time.perf_counter()
+            self._update_router(t, tasks[t])
+            self._evaluate(t, tasks, state)
+            state["timings"]["eval_s"][t] = time.perf_counter() - start
+            state["completed"] = t + 1
+            self._checkpoint(tasks, state)
+            bar.update(1)
+            bar.set_postfix(acc=f"{np.nanmean(state['task_il'][t][: t + 1]):.3f}")
+        bar.close()
+        results = self._results(tasks, state)
+        if self.accelerator.is_main_process:
+            self._write_outputs(tasks, state, results)
+            print(summary_table(results, [task.name for task in tasks]))
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return results
+
+    # --- the H-embedding -----------------------------------------------------------------------------------------
+
+    def _h_embedding(self, t: int, tasks: Sequence[Task], state: dict) -> torch.Tensor | None:
+        """H-scores of every old task on task t's data, AHP distances, and the fitted embedding e^_t."""
+        config, dim = self.config, self.config.task_embedding_dim
+        hypernet = self.model.base_model.hypernet
+        if t == 0:
+            embedding, _ = fit_h_embedding(np.zeros((0, dim)), np.zeros(0), dim=dim, seed=self.args.seed)
+            return self._add_task(embedding)
+        task = tasks[t]
+        generator = torch.Generator().manual_seed(self.args.seed + t)
+        sample = torch.randperm(len(task.train), generator=generator)[: config.h_score_samples].tolist()
+        loader = self._loader(task, "train", indices=sample, shard=False)
+        scores = []
+        for i in range(t):
+            features, labels = self._features(loader, task_id=i)
+            scores.append(h_score(features, labels, shrinkage=config.h_score_shrinkage))
+        state["h_scores"][t][:t] = scores
+        old = hypernet.stacked_task_embeddings().detach().cpu().numpy()
+        distances = target_distances(np.asarray(scores), old, normalisation=config.normalisation)
+        if distances is None:
+            return self._add_task(None)
+        embedding, gamma = fit_h_embedding(
+            old, distances, steps=config.h_embedding_steps, seed=self.args.seed + t, dim=dim
+        )
+        state["gamma"][t] = float(gamma)
+        return self._add_task(embedding)
+
+    def _add_task(self, h_embedding: torch.Tensor | None) -> torch.Tensor | None:
+        """Register task t, starting at its H-embedding unless configured (or forced by "none") to start at random."""
+        init = h_embedding
+        if self.config.embedding_init == "random" or init is None:
+            init = torch.randn(self.config.task_embedding_dim)
+        self.model.add_task(init)
+        return None if h_embedding is None else torch.as_tensor(h_embedding, dtype=torch.float32)
+
+    # --- training ------------------------------------------------------------------------------------------------
+
+    def _train_task(self, t: int, task: Task, h_embedding: torch.Tensor | None) -> None:
+        config, args, accelerator = self.config, self.args, self.accelerator
+        model = self.model
+        hypernet = model.base_model.hypernet
+        feature_dim = self._feature_dim(task)
+        head = nn.Linear(feature_dim, task.num_classes).to(accelerator.device)
+
+        reg_targets = None
+        if t > 0 and config.beta_reg > 0:
+            with torch.no_grad():
+                recorded = model.base_model.generate(list(range(t)))
+            reg_targets = ([a.detach().clone() for a in recorded.A], [b.detach().clone() for b in recorded.B])
+        beta_emb = guidance_weight(t, config.beta_emb_slope)
+        decoder = None
+        if h_embedding is not None and beta_emb > 0:
+            decoder = GuidanceDecoder(config.hypernet_hidden_dim, config.task_embedding_dim, config.decoder_hidden_dim)
+            decoder.to(accelerator.device)
+            h_embedding = h_embedding.to(accelerator.device)
+
+        _train_mode(model)
+        step_module = _TaskStep(model, head, decoder, reg_targets, config)
+        groups = [
+            {"params": [p for p in hypernet.parameters() if p.requires_grad], "lr": args.learning_rate},
+            {"params": list(head.parameters()), "lr": args.head_learning_rate},
+        ]
+        if decoder is not None:
+            groups.append({"params": list(decoder.parameters()), "lr": args.learning_rate})
+        optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+        loader = self._loader(task, "train", augment=args.augment, shuffle=True, shard=False, seed=args.seed + t)
+        steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+        total = steps_per_epoch * args.num_epochs
+        if args.max_steps_per_task is not None:
+            total = min(total, args.max_steps_per_task)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        )
+        step_module, optimizer, loader, scheduler = accelerator.prepare(step_module, optimizer, loader, scheduler)
+        reg_generator = torch.Generator().manual_seed(self.args.seed + 7919 * (t + 1))
+
+        bar = self._bar(total=total, desc=f"task {t} ({task.name})", leave=False)
+        step = 0
+        while step < total:
+            for pixel_values, labels in loader:
+                with accelerator.accumulate(step_module):
+                    reg_tasks = []
+                    if reg_targets is not None:
+                        reg_tasks = torch.randperm(t, generator=reg_generator)[: config.reg_max_tasks].tolist()
+                    loss, parts = step_module(pixel_values, labels, t, reg_tasks, h_embedding, beta_emb)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"task {t} ({task.name}): the loss became {loss.item()} at step {step}; lower the "
+                            "learning rate or max_grad_norm. The last checkpoint was left intact."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(step_module.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                bar.update(1)
+                if step % args.logging_steps == 0 or step == total:
+                    logs = {f"train/{k}": v.item() for k, v in parts.items()} | {"train/loss": loss.item()}
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    if args.report_to:
+                        accelerator.log({**logs, "task": t}, step=t * 100_000 + step)
+                if step >= total:
+                    break
+        bar.close()
+        accelerator.wait_for_everyone()
+        head = accelerator.unwrap_model(step_module).head
+        head.requires_grad_(False)
+        self.heads.append(head.eval())
+        accelerator.free_memory(step_module, optimizer, loader, scheduler)
+        model.eval()
+
+    # --- routing and evaluation ----------------------------------------------------------------------------------
+
+    def _update_router(self, t: int, task: Task) -> None:
+        features, labels = self._features(self._loader(task, "train"), task_id=None)
+        if self.router is None:
+            self.router = GaussianRouter(features.shape[1], shrinkage=self.config.router_shrinkage)
+        self.router.update(features.double().cpu(), labels.cpu() + self.offsets[t], t)
+
+    def _evaluate(self, t: int, tasks: Sequence[Task], state: dict) -> None:
+        """Row t of the task-IL and class-IL accuracy matrices, the router's task-id accuracy, and the FWT probe."""
+        correct_all, routed_all, count_all = 0, 0, 0
+        for j in range(t + 1):
+            loader = self._loader(tasks[j], "test")
+            hits_til, hits_cil, hits_route, n = 0, 0, 0, 0
+            with torch.no_grad():
+                for pixel_values, labels in loader:
+                    local = self.heads[j](self._forward(pixel_values, j)).argmax(-1)
+                    routed_task, predicted = self._class_incremental(pixel_values, t)
+                    local, labels, routed_task, predicted = self.accelerator.gather_for_metrics(
+                        (local, labels, routed_task, predicted)
+                    )
+                    hits_til += (local == labels).sum().item()
+                    hits_cil += (predicted == labels + self.offsets[j]).sum().item()
+                    hits_route += (routed_task == j).sum().item()
+                    n += labels.numel()
+            state["task_il"][t][j] = hits_til / n
+            state["class_il"][t][j] = hits_cil / n
+            correct_all, routed_all, count_all = correct_all + hits_cil, routed_all + hits_route, count_all + n
+        state["seen_class_accuracy"][t] = correct_all / count_all
+        state["router_task_accuracy"][t] = routed_all / count_all
+        if t + 1 < len(tasks):
+            self._forward_transfer_probe(t, tasks, state)
+
+    def _class_incremental(self, pixel_values: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route each sample to a task, then let that task's adapter and head name the (global) class."""
+        if self.config.router == "gaussian":
+            _, routed = self.router.predict(self._forward(pixel_values, None).double().cpu())
+            routed = routed.to(pixel_values.device)
+        else:
+            routed = entropy_route([self.heads[i](self._forward(pixel_values, i)) for i in range(t + 1)])
+        features = self._forward(pixel_values, routed)
+        predicted = torch.empty_like(routed)
+        for task_id in routed.unique().tolist():
+            mask = routed == task_id
+            predicted[mask] = self.heads[task_id](features[mask]).argmax(-1) + self.offsets[task_id]
+        return routed, predicted
+
+    def _forward_transfer_probe(self, t: int, tasks: Sequence[Task], state: dict) -> None:
+        """FWT's R[t][t+1] and b_{t+1}: nearest-class-mean accuracy on task t+1 of the features from the model after
+        task t (with the last task's adapter) and from the untrained backbone."""
+        task = tasks[t + 1]
+        train_loader = self._loader(task, "train", indices=range(min(len(task.train), self.config.h_score_samples)))
+        test_loader = self._loader(task, "test")
+        for key, task_id in (("fwt_start", t), ("fwt_baseline", None)):
+            train_features, train_labels = self._features(train_loader, task_id)
+            test_features, test_labels = self._features(test_loader, task_id)
+            means = torch.stack([train_features[train_labels == c].mean(0) for c in range(task.num_classes)])
+            predicted = torch.cdist(test_features.float(), means.float()).argmin(-1)
+            state[key][t + 1] = (predicted == test_labels).float().mean().item()
+        state["task_il"][t][t + 1] = state["fwt_start"][t + 1]
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+
+    def _forward(self, pixel_values: torch.Tensor, task_ids) -> torch.Tensor:
+        with self.accelerator.autocast():
+            if task_ids is None:
+                with self.model.disable_adapter():
+                    return pooled_features(self.model(pixel_values)).float()
+            return pooled_features(self.model(pixel_values, task_ids=task_ids)).float()
+
+    def _features(self, loader, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a whole loader under one task's adapter (None: the frozen backbone), gathered."""
+        self.model.eval()
+        features, labels = [], []
+        with torch.no_grad():
+            for pixel_values, batch_labels in loader:
+                batch = self._forward(pixel_values, task_id)
+                if not isinstance(loader, _OnDevice):
+                    batch, batch_labels = self.accelerator.gather_for_metrics((batch, batch_labels))
+                features.append(batch)
+                labels.append(batch_labels)
+        return torch.cat(features), torch.cat(labels)
+
+    def _feature_dim(self, task: Task) -> int:
+        pixel_values, _ = next(iter(self._loader(task, "test", shard=False)))
+        with torch.no_grad():
+            return self._forward(pixel_values[:1].to(self.accelerator.device), None).shape[1]
+
+    def _loader(self, task: Task, split: str, *, indices=None, augment=False, shuffle=False, shard=True, seed=0):
+        dataset = TaskImages(getattr(task, split), self.spec.transform(augment), task.classes, indices)
+        batch_size = self.args.batch_size if split == "train" and shuffle else self.args.eval_batch_size
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.args.num_workers,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        )
+        if shard:
+            return self.accelerator.prepare_data_loader(loader)
+        if not shuffle:
+            return _OnDevice(loader, self.accelerator.device)
+        return loader
+
+    def _bar(self, **kwargs) -> tqdm:
+        quiet = not self.accelerator.is_local_main_process or not sys.stderr.isatty()
+        return tqdm(disable=quiet, dynamic_ncols=True, **kwargs)
+
+    # --- state, checkpoints, outputs -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _fresh_state(tasks: Sequence[Task]) -> dict:
+        num_tasks = len(tasks)
+
+        def matrix():
+            return [[math.nan] * num_tasks for _ in range(num_tasks)]
+
+        def row():
+            return [math.nan] * num_tasks
+
+        return {
+            "completed": 0,
+            "task_names": [task.name for task in tasks],
+            "task_il": matrix(),
+            "class_il": matrix(),
+            "h_scores": matrix(),
+            "gamma": row(),
+            "fwt_start": row(),
+            "fwt_baseline": row(),
+            "seen_class_accuracy": row(),
+            "router_task_accuracy": row(),
+            "timings": {"h_embedding_s": row(), "train_s": row(), "eval_s": row()},
+        }
+
+    def _checkpoint(self, tasks: Sequence[Task], state: dict) -> None:
+        root = self.output_dir / "checkpoints"
+        name = f"task-{state['completed'] - 1:03d}"
+        if self.accelerator.is_main_process:
+            with atomic_directory(root / name) as tmp:
+                self._save_artifacts(tmp)
+                atomic_write_json(tmp / "state.json", state)
+            publish_checkpoint(root, name)
+        self.accelerator.wait_for_everyone()
+
+    def _save_artifacts(self, directory: Path) -> None:
+        self.model.save_pretrained(directory / "adapter")
+        heads = {
+            f"{j}.{k}": v.detach().cpu().contiguous()
+            for j, h in enumerate(self.heads)
+            for k, v in h.state_dict().items()
+        }
+        save_file(heads, directory / "heads.safetensors")
+        save_file(self.router.state_dict(), directory / "router.safetensors")
+
+    def _restore(self, tasks: Sequence[Task], state: dict) -> dict:
+        path = latest_checkpoint(self.output_dir / "checkpoints")
+        if path is None:
+            return state
+        saved = json.loads((path / "state.json").read_text())
+        names = [task.name for task in tasks]
+        if saved["task_names"] != names:
+            raise ValueError(
+                f"cannot resume: {self.output_dir} holds a run over tasks {saved['task_names']}, not {names}"
+            )
+        saved_config = json.loads((path / "adapter" / "adapter_config.json").read_text())
+        differing = differing_fields(saved_config, self.config)
+        if differing:
+            raise ValueError(f"cannot resume: the checkpoint was written with a different config ({differing})")
+        weights = load_peft_weights(str(path / "adapter"), device=str(self.accelerator.device))
+        set_peft_model_state_dict(self.model, weights)
+        self.model.base_model.set_task(self.model.base_model.num_tasks - 1)
+        heads = load_file(path / "heads.safetensors")
+        for j in range(saved["completed"]):
+            weight, bias = heads[f"{j}.weight"], heads[f"{j}.bias"]
+            head = nn.Linear(weight.shape[1], weight.shape[0]).to(self.accelerator.device)
+            head.load_state_dict({"weight": weight, "bias": bias})
+            self.heads.append(head.eval().requires_grad_(False))
+        router_state = load_file(path / "router.safetensors")
+        self.router = GaussianRouter.from_state_dict(router_state, shrinkage=self.config.router_shrinkage)
+        _nan_from_json(saved)
+        return saved
+
+    def _results(self, tasks: Sequence[Task], state: dict) -> dict[str, Any]:
+        til = np.array(state["task_il"], dtype=float)
+        cil = np.array(state["class_il"], dtype=float)
+        results = continual_metrics(til, baseline=state["fwt_baseline"] if len(tasks) > 1 else None)
+        results["accuracy_matrix"] = state["task_il"]
+        class_il = continual_metrics(np.where(np.tril(np.ones_like(cil)) > 0, cil, np.nan))
+        class_il["fwt"] = None  # a class-incremental model has no head for a task it has not seen
+        class_il["accuracy_matrix"] = state["class_il"]
+        class_il["seen_class_accuracy"] = state["seen_class_accuracy"]
+        class_il["final_accuracy"] = state["seen_class_accuracy"][-1]
+        class_il["router_task_accuracy"] = state["router_task_accuracy"]
+        class_il["router"] = self.config.router
+        results["class_incremental"] = class_il
+        results.update(
+            task_names=state["task_names"],
+            h_scores=state["h_scores"],
+            fwt_baseline=state["fwt_baseline"],
+            timings=state["timings"],
+            num_tasks=len(tasks),
+        )
+        return results
+
+    def _write_outputs(self, tasks: Sequence[Task], state: dict, results: dict) -> None:
+        out = self.output_dir
+        atomic_write_json(out / "metrics.json", results)
+        embeddings = self.model.base_model.hypernet.stacked_task_embeddings().detach().cpu()
+        atomic_write_json(
+            out / "embeddings.json",
+            {"task_names": state["task_names"], "embeddings": embeddings.tolist(), "h_scores": state["h_scores"]},
+        )
+        with atomic_directory(out / "final") as tmp:
+            self._save_artifacts(tmp)
+        if self.args.plots:
+            names = state["task_names"]
+            plots.plot_accuracy_matrix(
+                state["task_il"], out / "accuracy_matrix.png", title="Task-incremental accuracy", task_names=names
+            )
+            plots.plot_accuracy_matrix(
+                state["class_il"],
+                out / "accuracy_matrix_class_incremental.png",
+                title="Class-incremental accuracy",
+                task_names=names,
+            )
+            plots.plot_h_scores(state["h_scores"], out / "h_scores.png", task_names=names)
+            plots.plot_embeddings(embeddings.numpy(), out / "embeddings.png", task_names=names)
+
+
+def _train_mode(model: nn.Module) -> None:
+    """Train mode, except that batch-norm layers keep using (and not updating) their running statistics: the
+    backbone is frozen, statistics included, or old tasks and the router would drift."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+class _OnDevice:
+    """An unsharded loader whose batches land on the accelerator's device (every process reads all of it)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for pixel_values, labels in self.loader:
+            yield pixel_values.to(self.device), labels.to(self.device)
+
+
+def _check_tasks(tasks: Sequence[Task]) -> list[Task]:
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("fit() needs at least one task")
+    for task in tasks:
+        if not isinstance(task, Task):
+            raise TypeError(f"tasks must be hyperlora.data.Task objects, got {type(task).__name__}")
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    return tasks
+
+
+def _nan_from_json(state: dict) -> None:
+    """JSON stored NaN as null: turn the nulls of the numeric tables back into NaN."""
+    for key in ("task_il", "class_il", "h_scores"):
+        state[key] = [[math.nan if v is None else v for v in row] for row in state[key]]
+    for key in ("gamma", "fwt_start", "fwt_baseline", "seen_class_accuracy", "router_task_accuracy"):
+        state[key] = [math.nan if v is None else v for v in state[key]]
+    for key, row in state["timings"].items():
+        state["timings"][key] = [math.nan if v is None else v for v in row]
+
+
+def summary_table(results: dict[str, Any], task_names: Sequence[str]) -> str:
+    """A few lines a person reads at a glance: per-task final accuracy and the headline metrics."""
+
+    def pct(value) -> str:
+        return "   -  " if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:6.2f}"
+
+    final_til = results["accuracy_matrix"][-1]
+    final_cil = results["class_incremental"]["accuracy_matrix"][-1]
+    width = max(8, *(len(name) for name in task_names))
+    lines = [f"{'task':<{width}}  task-IL  class-IL", f"{'-' * width}  -------  --------"]
+    lines += [
+        f"{name:<{width}}  {pct(a)}   {pct(b)}" for name, a, b in zip(task_names, final_til, final_cil, strict=True)
+    ]
+    lines.append("")
+    lines.append(f"{'metric':<26}  task-IL  class-IL")
+    for key in METRIC_KEYS:
+        lines.append(f"{key:<26}  {pct(results.get(key))}   {pct(results['class_incremental'].get(key))}")
+    lines.append(
+        f"{'router task-id accuracy':<26}           {pct(results['class_incremental']['router_task_accuracy'][-1])}"
+    )
+    return "\n".join(lines)

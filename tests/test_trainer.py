@@ -1,0 +1,168 @@
+"""ContinualTrainer end to end on tiny synthetic image tasks: outputs, metrics, determinism and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage
+
+from hyperlora import HyperLoraConfig
+from hyperlora.data import Task
+from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
+
+
+def _images(rng: np.random.Generator, label: int, count: int, size: int = 16) -> list[PILImage.Image]:
+    """Each class is a bright horizontal band at its own height, with noise: learnable by a tiny ViT in a few steps."""
+    images = []
+    for _ in range(count):
+        pixels = rng.integers(0, 60, size=(size, size, 3))
+        row = (label * 3) % (size - 3)
+        pixels[row : row + 3, :, label % 3] = 255
+        images.append(PILImage.fromarray(pixels.astype(np.uint8)))
+    return images
+
+
+def make_task(name: str, labels: list[int], seed: int, train_per_class: int = 12, test_per_class: int = 6) -> Task:
+    rng = np.random.default_rng(seed)
+    features = Features({"image": Image(), "label": Value("int64")})
+
+    def split(count):
+        images = [image for label in labels for image in _images(rng, label, count)]
+        return Dataset.from_dict(
+            {"image": images, "label": [label for label in labels for _ in range(count)]}, features=features
+        )
+
+    return Task(name, split(train_per_class), split(test_per_class))
+
+
+@pytest.fixture(scope="module")
+def tasks() -> list[Task]:
+    return [make_task(f"t{i}", [2 * i, 2 * i + 1], seed=i) for i in range(3)]
+
+
+def tiny_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+    )
+
+
+def config(**overrides) -> HyperLoraConfig:
+    values = dict(
+        r=2,
+        lora_alpha=4,
+        hypernet_hidden_dim=16,
+        task_embedding_dim=8,
+        module_embedding_dim=8,
+        h_embedding_steps=50,
+        h_score_samples=32,
+    )
+    return HyperLoraConfig(**(values | overrides))
+
+
+def arguments(tmp_path, **overrides) -> ContinualTrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path),
+        num_epochs=1,
+        max_steps_per_task=3,
+        batch_size=8,
+        eval_batch_size=16,
+        seed=3,
+        plots=False,
+    )
+    return ContinualTrainingArguments(**(values | overrides))
+
+
+def run(tmp_path, tasks, **overrides) -> dict:
+    return ContinualTrainer(tiny_vit(), config(), arguments(tmp_path, **overrides)).fit(tasks)
+
+
+def test_fit_writes_metrics_artifacts_and_plots(tmp_path, tasks):
+    results = run(tmp_path, tasks, plots=True)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("faa", "daa", "avg_incremental_accuracy", "forgetting", "bwt", "fwt", "accuracy_matrix"):
+        assert key in written and key in written["class_incremental"]
+    matrix = np.array(written["accuracy_matrix"], dtype=float)
+    assert matrix.shape == (3, 3)
+    assert np.all(np.isfinite(np.diag(matrix))) and np.all(matrix[np.tril_indices(3)] >= 0)
+    assert math.isclose(written["faa"], float(np.mean(matrix[-1])), rel_tol=1e-9)
+    assert math.isclose(results["faa"], written["faa"])
+    h = np.array(written["h_scores"], dtype=float)
+    assert np.isnan(h[0]).all() and np.isfinite(h[1, :1]).all() and np.isfinite(h[2, :2]).all()
+    assert len(written["class_incremental"]["router_task_accuracy"]) == 3
+    embeddings = json.loads((tmp_path / "embeddings.json").read_text())
+    assert np.array(embeddings["embeddings"]).shape == (3, 8)
+    for name in ("accuracy_matrix.png", "accuracy_matrix_class_incremental.png", "h_scores.png", "embeddings.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("adapter/adapter_model.safetensors", "heads.safetensors", "router.safetensors"):
+        assert (tmp_path / "final" / name).is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "task-002"
+    assert all(t > 0 for t in written["timings"]["train_s"])
+
+
+def test_same_seed_same_results_and_resume_matches_uninterrupted(tmp_path, tasks, monkeypatch):
+    reference = run(tmp_path / "a", tasks)
+    assert run(tmp_path / "b", tasks)["accuracy_matrix"] == reference["accuracy_matrix"]
+
+    real_checkpoint = ContinualTrainer._checkpoint
+
+    def interrupt_after_second_task(self, tasks_, state):
+        real_checkpoint(self, tasks_, state)
+        if state["completed"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ContinualTrainer, "_checkpoint", interrupt_after_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "c", tasks)
+    monkeypatch.undo()
+    assert (tmp_path / "c" / "checkpoints" / "latest").read_text().strip() == "task-001"
+    resumed = run(tmp_path / "c", tasks, resume=True)
+    for key in ("accuracy_matrix", "h_scores", "faa", "forgetting"):
+        assert resumed[key] == reference[key], key
+    assert resumed["class_incremental"]["accuracy_matrix"] == reference["class_incremental"]["accuracy_matrix"]
+
+
+def test_resume_refuses_other_tasks_or_config(tmp_path, tasks):
+    run(tmp_path, tasks[:2])
+    with pytest.raises(ValueError, match="different"):
+        ContinualTrainer(tiny_vit(), config(r=3), arguments(tmp_path, resume=True)).fit(tasks[:2])
+    with pytest.raises(ValueError, match="tasks"):
+        run(tmp_path, [tasks[0], tasks[2]], resume=True)
+
+
+def test_old_tasks_are_not_forgotten_by_construction(tmp_path, tasks):
+    """With the output regulariser, old tasks' generated weights barely move while new tasks train."""
+    results = run(tmp_path, tasks, max_steps_per_task=6)
+    matrix = np.array(results["accuracy_matrix"], dtype=float)
+    assert results["forgetting"] <= 0.25
+    assert matrix[0, 0] >= 0.5
+
+
+def test_bad_tasks_and_arguments_are_rejected(tmp_path, tasks):
+    with pytest.raises(ValueError, match="unique"):
+        run(tmp_path, [tasks[0], tasks[0]])
+    with pytest.raises(ValueError, match="at least one task"):
+        run(tmp_path, [])
+    with pytest.raises(ValueError, match="batch_size"):
+        ContinualTrainingArguments(batch_size=0)
+    empty = Dataset.from_dict(
+        {"image": [], "label": []}, features=Features({"image": Image(), "label": Value("int64")})
+    )
+    with pytest.raises(ValueError, match="empty"):
+        Task("x", empty, tasks[0].test)
+    with pytest.raises(ValueError, match="'image' and 'label'"):
+        Task("x", tasks[0].train.rename_column("label", "target"), tasks[0].test)
+    assert not list((tmp_path).glob("metrics.json"))
