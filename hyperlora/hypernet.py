@@ -57,6 +57,9 @@ class HyperNetwork(nn.Module):
             width = hidden_dim
         self.trunk = nn.Sequential(*layers)
 
+        # Output multiplier on the heads' weight path: Adam moves every weight by about lr per step, and each output
+        # sums hidden_dim of them, so without it B would move ~hidden_dim times faster than a LoRA B trained directly.
+        self.output_scale = 1.0 / hidden_dim
         self.heads = nn.ModuleDict()
         groups: dict[str, list[int]] = {}
         for m, shape in enumerate(self.module_shapes):
@@ -123,7 +126,9 @@ class HyperNetwork(nn.Module):
         for key, head in self.heads.items():
             members = self._groups[key]
             out_features, in_features = self.module_shapes[members[0]]
-            flat = head(hidden.index_select(1, getattr(self, f"_members_{key}")))
+            selected = hidden.index_select(1, getattr(self, f"_members_{key}"))
+            flat = torch.addmm(head.bias, selected.flatten(0, 1), head.weight.t(), alpha=self.output_scale)
+            flat = flat.view(num_tasks, len(members), -1)
             a, b = flat.split([self.r * in_features, out_features * self.r], dim=-1)
             a = a.reshape(num_tasks, -1, self.r, in_features)
             b = b.reshape(num_tasks, -1, out_features, self.r)
@@ -138,11 +143,11 @@ class HyperNetwork(nn.Module):
 
 
 def _init_head(head: nn.Linear, a_size: int, in_features: int, hidden_dim: int) -> None:
-    # A: a LoRA-like random projection (kaiming-uniform bound 1/sqrt(in)) shared through the bias, plus a small
-    # task- and module-dependent part through the weight. B: exactly zero.
+    # A: a LoRA-like random projection (kaiming-uniform bound 1/sqrt(in)) shared through the bias, plus a smaller
+    # task- and module-dependent part through the (output_scale-multiplied) weight. B: exactly zero.
     bound = 1.0 / math.sqrt(in_features)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
-        head.weight[:a_size].normal_(0.0, bound / math.sqrt(hidden_dim))
+        head.weight[:a_size].normal_(0.0, 0.5 * bound * math.sqrt(hidden_dim))
         head.bias[:a_size].uniform_(-bound, bound)

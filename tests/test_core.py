@@ -43,9 +43,10 @@ def hypernet(model: PeftModel, adapter: str = "default") -> nn.Module:
 def perturb(model: PeftModel, adapter: str = "default", std: float = 0.05, seed: int = 0) -> None:
     """Give every output head random weights (in place, as an optimizer would): B != 0, tasks now differ."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for head in hypernet(model, adapter).heads.values():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * std)
+    net = hypernet(model, adapter)
+    with torch.no_grad():  # std is the scale of the generated factors: undo the heads' output multiplier
+        for head in net.heads.values():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * std / net.output_scale)
 
 
 class CallCounter:
