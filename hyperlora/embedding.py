@@ -74,7 +74,7 @@ def median_pairwise_distance(embeddings) -> float:
 def target_distances(scores, old_embeddings, normalisation: str = "ahp", eps: float = 1e-3) -> np.ndarray | None:
     """How far the new task's embedding should sit from each old one: close to the old tasks that transfer best.
 
-    "ahp": d_i = tau * w_max / w_i (the best old task at tau, the rest at most 9 tau); "minmax": the authors'
+    "ahp": d_i = tau * min(w_max / w_i, 9) (the best old task at tau, the rest at most 9 tau); "minmax": the authors'
     earlier d_i = (h_max - h_i) + eps + h_min; "none": no guidance (returns None).
     """
     if normalisation not in NORMALISATIONS:
@@ -88,7 +88,8 @@ def target_distances(scores, old_embeddings, normalisation: str = "ahp", eps: fl
     if normalisation == "minmax":
         return (h.max() - h) + eps + h.min()
     weights, _ = ahp_priorities(h)
-    return median_pairwise_distance(E) * weights.max() / weights
+    # The eigenvector of an inconsistent matrix can spread past Saaty's 1-9 range; clip to keep d_i <= 9 tau.
+    return median_pairwise_distance(E) * np.minimum(weights.max() / weights, 9.0)
 
 
 def fit_h_embedding(
