@@ -41,6 +41,7 @@ from huggingface_hub.errors import (
 )
 from torch import nn
 
+from .checkpoint import fsync_dir
 from .config import PEFT_TYPE
 from .model import HyperLoraModel
 
@@ -214,11 +215,11 @@ class TaskEmbeddings:
         try:
             for name in (EMBEDDINGS_FILE, README_FILE, CONFIG_FILE):
                 _write_file(staging / name, files[name])
-            _fsync(staging)
+            fsync_dir(staging)
             if not target.exists():
                 try:
                     os.rename(staging, target)
-                    _fsync(target.parent)
+                    fsync_dir(target.parent)
                     return target
                 except OSError:
                     if not target.is_dir():  # not a lost race with another writer creating it: a real failure
@@ -228,7 +229,7 @@ class TaskEmbeddings:
             for name in (EMBEDDINGS_FILE, README_FILE, CONFIG_FILE):
                 if not (name == README_FILE and keep_readme):
                     os.replace(staging / name, target / name)
-            _fsync(target)
+            fsync_dir(target)
             return target
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -467,14 +468,6 @@ def _write_file(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _api(endpoint: str | None, token: str | bool | None) -> HfApi:
