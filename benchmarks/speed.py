@@ -521,7 +521,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--num-tasks", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 40 training, 100 inference)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 60 training, 150 inference)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 5)")
     parser.add_argument("--memory-runs", type=int, default=None, help="subprocess runs per method (default 3)")
     parser.add_argument("--memory-steps", type=int, default=3, help="training steps per memory run")
@@ -537,8 +537,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.warmup = 1 if args.warmup is None else args.warmup
         args.memory_runs = args.memory_runs or 1
     else:
-        args.train_repeats = args.repeats or 40
-        args.infer_repeats = args.repeats or 100
+        args.train_repeats = args.repeats or 60
+        args.infer_repeats = args.repeats or 150
         args.warmup = 5 if args.warmup is None else args.warmup
         args.memory_runs = args.memory_runs or 3
     if args.device.startswith("cuda") and not torch.cuda.is_available():
