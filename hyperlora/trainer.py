@@ -53,7 +53,7 @@ class ContinualTrainingArguments:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: whatever `accelerate launch` / `accelerate config` chose
     seed: int = 0
     image_size: int | None = None
     augment: bool = False
@@ -64,6 +64,8 @@ class ContinualTrainingArguments:
     plots: bool = True
 
     def __post_init__(self) -> None:
+        if self.report_to in ("", "none"):  # the command-line spelling of "no trackers"
+            self.report_to = None
         for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -71,8 +73,8 @@ class ContinualTrainingArguments:
             raise ValueError(f"max_steps_per_task must be >= 1 or None, got {self.max_steps_per_task}")
         if not self.learning_rate > 0 or not self.head_learning_rate > 0:
             raise ValueError("learning rates must be > 0")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or None, got {self.mixed_precision!r}")
 
 
 class _TaskStep(nn.Module):
@@ -174,7 +176,8 @@ class ContinualTrainer:
             self._write_outputs(tasks, state, results)
             print(summary_table(results, [task.name for task in tasks]))
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): it destroys the process group, and a
+            tracker.finish()  # recipe runs several seeds in one launch
         return results
 
     # --- the H-embedding -----------------------------------------------------------------------------------------
@@ -318,6 +321,7 @@ class ContinualTrainer:
                     hits_cil += (predicted == labels + self.offsets[j]).sum().item()
                     hits_route += (routed_task == j).sum().item()
                     n += labels.numel()
+            state["evaluated_samples"][j] = n
             state["task_il"][t][j] = hits_til / n
             state["class_il"][t][j] = hits_cil / n
             correct_all, routed_all, count_all = correct_all + hits_cil, routed_all + hits_route, count_all + n
@@ -424,6 +428,7 @@ class ContinualTrainer:
             "fwt_baseline": row(),
             "seen_class_accuracy": row(),
             "router_task_accuracy": row(),
+            "evaluated_samples": [0] * num_tasks,
             "timings": {"h_embedding_s": row(), "train_s": row(), "eval_s": row()},
         }
 
@@ -492,6 +497,7 @@ class ContinualTrainer:
             task_names=state["task_names"],
             h_scores=state["h_scores"],
             fwt_baseline=state["fwt_baseline"],
+            evaluated_samples=state["evaluated_samples"],
             timings=state["timings"],
             num_tasks=len(tasks),
         )
