@@ -42,3 +42,28 @@ def continual_metrics(accuracy_matrix, baseline: Sequence[float] | None = None) 
         if np.isfinite(transfer).all():
             results["fwt"] = float(np.mean(transfer))
     return results
+
+
+def summarise_runs(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Mean and (sample) standard deviation of every metric over runs (one ``ContinualTrainer.fit`` result each).
+
+    Keys are ``task_incremental`` and ``class_incremental``; a metric undefined in any run is None.
+    """
+    if not runs:
+        raise ValueError("summarise_runs needs at least one run")
+    summary: dict[str, dict[str, dict[str, float | None]]] = {}
+    for setting, pick in (("task_incremental", lambda r: r), ("class_incremental", lambda r: r["class_incremental"])):
+        keys = METRIC_KEYS + (("router_task_accuracy",) if setting == "class_incremental" else ())
+        summary[setting] = {}
+        for key in keys:
+            values = [pick(run).get(key) for run in runs]
+            values = [v[-1] if isinstance(v, list) else v for v in values]  # per-task lists: the final value
+            if any(v is None for v in values):
+                summary[setting][key] = {"mean": None, "std": None, "n": len(values)}
+                continue
+            summary[setting][key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "n": len(values),
+            }
+    return summary
