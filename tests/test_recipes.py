@@ -1,0 +1,207 @@
+"""The benchmark recipes end to end on image folders the tests write, with a tiny ViT: one and two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+import cifar100  # noqa: E402
+import common  # noqa: E402
+import domainnet  # noqa: E402
+import imagenet_r  # noqa: E402
+
+TINY = [
+    "--model_name", "vit_tiny_patch16_224",
+    "--no_pretrained",
+    "--model_kwargs", '{"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}',
+    "--r", "2", "--hypernet_hidden_dim", "16", "--task_embedding_dim", "8", "--module_embedding_dim", "8",
+    "--h_embedding_steps", "20", "--h_score_samples", "32",
+    "--num_epochs", "1", "--max_steps_per_task", "2", "--batch_size", "8", "--eval_batch_size", "8",
+    "--report_to", "none", "--no_plots",
+]  # fmt: skip
+
+
+def write_image_folder(root: Path, num_classes: int, per_class: int, seed: int = 0) -> Path:
+    """``root/class_XX/N.png``: each class a bright band at its own height over noise."""
+    rng = np.random.default_rng(seed)
+    for label in range(num_classes):
+        folder = root / f"class_{label:02d}"
+        folder.mkdir(parents=True)
+        for n in range(per_class):
+            pixels = rng.integers(0, 60, size=(16, 16, 3))
+            row = (label * 3) % 13
+            pixels[row : row + 3, :, label % 3] = 255
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{n}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def flat_folder(tmp_path_factory) -> Path:
+    """ImageNet-R style: one pool of 4 classes x 10 images, no test split."""
+    return write_image_folder(tmp_path_factory.mktemp("flat") / "images", num_classes=4, per_class=10)
+
+
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory) -> Path:
+    """CIFAR style: train/ and test/ of 4 classes; 5 test images each, so 2 processes cannot split a task evenly."""
+    root = tmp_path_factory.mktemp("split") / "images"
+    write_image_folder(root / "train", num_classes=4, per_class=8, seed=1)
+    write_image_folder(root / "test", num_classes=4, per_class=5, seed=2)
+    return root
+
+
+def read(path: Path):
+    return json.loads(path.read_text())
+
+
+def test_imagenet_r_recipe_holds_out_a_seeded_fifth_and_averages_seeds(flat_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--dataset", str(flat_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    summary = common.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "2"])
+
+    protocol = read(out / "protocol.json")
+    expected_order = np.random.RandomState(1993).permutation(4).tolist()
+    assert protocol["class_order"] == expected_order
+    assert [task["classes"] for task in protocol["tasks"]] == [sorted(expected_order[:2]), sorted(expected_order[2:])]
+    assert protocol["split"]["test_fraction"] == 0.2
+    assert len(protocol["split"]["test_indices"]) == 8  # 2 of the 10 images of each of 4 classes
+    assert [(task["train"], task["test"]) for task in protocol["tasks"]] == [(16, 4), (16, 4)]
+
+    runs = [read(out / f"seed-{seed}" / "metrics.json") for seed in (0, 1)]
+    finals = [run["class_incremental"]["final_accuracy"] for run in runs]
+    cil = summary["class_incremental"]["faa"]
+    assert summary["seeds"] == [0, 1]
+    # the summary against numpy, from the per-seed files
+    faas = [run["class_incremental"]["faa"] for run in runs]
+    assert cil["mean"] == pytest.approx(np.mean(faas)) and cil["std"] == pytest.approx(np.std(faas, ddof=1))
+    assert all(0.0 <= a <= 1.0 for a in finals)
+    assert read(out / "summary.json") == json.loads(json.dumps(summary))
+    assert "| faa |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("recipe", [cifar100, domainnet], ids=["cifar100", "domainnet"])
+def test_recipe_uses_the_datasets_own_test_split(recipe, split_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--dataset", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    common.run(recipe.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1"])
+    protocol = read(out / "protocol.json")
+    assert protocol["split"] == {"train_split": "train", "test_split": "test"}
+    metrics = read(out / "seed-0" / "metrics.json")
+    assert metrics["evaluated_samples"] == [10, 10]
+    assert len(metrics["class_incremental"]["accuracy_matrix"]) == 2
+
+
+def test_config_file_is_overridden_by_the_command_line_and_recorded(split_folder, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"num_tasks": 2, "r": 3, "learning_rate": 0.5, "class_order": [3, 2, 1, 0]}))
+    data, model, hyper, training = common.parse_arguments(
+        cifar100.DEFAULTS, ["--config", str(config), "--dataset", str(split_folder), "--learning_rate", "0.01"]
+    )
+    assert (data.num_tasks, hyper.r, training.learning_rate, data.class_order) == (2, 3, 0.01, [3, 2, 1, 0])
+    assert (data.image_column, training.num_epochs) == ("img", cifar100.DEFAULTS["num_epochs"])
+    assert model.create_model  # the default backbone is ViT-B/16 in21k, created only when a run starts
+    assert common.WEIGHTS[model.weights] == "vit_base_patch16_224.augreg_in21k"
+
+
+def test_recorded_arguments_are_a_valid_config_file(split_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--dataset", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    common.run(
+        cifar100.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1", "--class_order", "0", "1", "2", "3"]
+    )
+    recorded = yaml.safe_load((out / "arguments.yaml").read_text())
+    assert recorded["class_order"] == [0, 1, 2, 3] and recorded["r"] == 2
+    data, _, hyper, training = common.parse_arguments({}, ["--config", str(out / "arguments.yaml")])
+    assert (data.dataset, hyper.r, training.max_steps_per_task) == (str(split_folder), 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"num_taks": 2}, "unknown arguments ['num_taks']"),
+        ("- just\n- a list\n", "must hold a mapping"),
+        ("r: [unclosed\n", "is not valid YAML"),
+    ],
+)
+def test_bad_config_files_are_named(content, message, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+        common.parse_arguments(cifar100.DEFAULTS, ["--config", str(path)])
+
+
+def test_wrong_columns_and_uneven_tasks_are_named(tmp_path, split_folder):
+    from datasets import Dataset, DatasetDict
+
+    from hyperlora.protocol import class_order, load_image_dataset, split_into_tasks, standardise_columns
+
+    with pytest.raises(ValueError, match="7 classes cannot be cut into 2 tasks"):
+        split_into_tasks(None, None, 2, list(range(7)))
+    with pytest.raises(ValueError, match=r"missing \[3\].*repeated \[1\]"):
+        class_order([0, 1, 2, 3], order=[0, 1, 1, 2])
+    splits = load_image_dataset(str(split_folder), cache_dir=str(tmp_path / "cache"))
+    assert set(splits) == {"train", "test"} and splits["train"].column_names == ["image", "label"]
+    with pytest.raises(ValueError, match="split 'train' has no column 'fine_label'"):
+        standardise_columns(DatasetDict({"train": Dataset.from_dict({"img": [0]})}), "img", "fine_label")
+    # string labels (ImageNet-R's WordNet ids) become integers in sorted order
+    wnids = DatasetDict({"test": Dataset.from_dict({"image": [0, 1, 2], "wnid": ["n02", "n01", "n02"]})})
+    assert standardise_columns(wnids, "image", "wnid")["test"]["label"] == [1, 0, 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_evaluate_every_test_sample_once_and_write_one_set_of_results(split_folder, tmp_path):
+    out = tmp_path / "run"
+    env = os.environ | {
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port())]
+    argv = ["--dataset", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    result = subprocess.run(
+        [*launch, str(RECIPES / "cifar100.py"), *argv, *TINY, "--num_tasks", "2", "--num_seeds", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read(out / "seed-0" / "metrics.json")
+    assert metrics["evaluated_samples"] == [10, 10]  # 5 per class x 2 classes, not 12 (padded to 2 x 6)
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
+    assert names.count("seed-0/metrics.json") == 1 and names.count("summary.json") == 1
+    assert not [name for name in names if ".tmp" in name or "rank" in name]
+    assert result.stdout.count("| faa |") == 1, result.stdout  # the summary is printed by the main process only
+
+
+def test_resume_reads_finished_seeds_back_and_trains_the_missing_one(split_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--dataset", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), *TINY]
+    common.run(cifar100.DEFAULTS, [*argv, "--num_tasks", "2", "--num_seeds", "1"])
+    first = read(out / "seed-0" / "metrics.json")
+    adapter = (out / "seed-0" / "final" / "adapter" / "adapter_model.safetensors").read_bytes()
+    summary = common.run(cifar100.DEFAULTS, [*argv, "--num_tasks", "2", "--num_seeds", "2", "--resume"])
+    assert read(out / "seed-0" / "metrics.json")["accuracy_matrix"] == first["accuracy_matrix"]
+    assert (out / "seed-0" / "final" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (out / "seed-1" / "metrics.json").exists() and summary["seeds"] == [0, 1]
