@@ -166,7 +166,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_cpu_processes_evaluate_every_test_sample_once_and_write_one_set_of_results(split_folder, tmp_path):
+@pytest.mark.parametrize(
+    ("recipe", "folder", "extra"),
+    [
+        ("cifar100", "split_folder", []),
+        ("domainnet", "split_folder", []),
+        ("imagenet_r", "flat_folder", ["--gradient_accumulation_steps", "2"]),
+    ],
+)
+def test_two_cpu_processes_evaluate_every_test_sample_once_and_write_one_set_of_results(
+    recipe, folder, extra, request, tmp_path
+):
     out = tmp_path / "run"
     env = os.environ | {
         "ACCELERATE_USE_CPU": "1",
@@ -175,12 +185,14 @@ def test_two_cpu_processes_evaluate_every_test_sample_once_and_write_one_set_of_
         "HF_DATASETS_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf"),
     }
+    precision = "bf16" if extra else "no"  # one of the runs in bf16 autocast with gradient accumulation
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
     launch += ["--main_process_port", str(_free_port())]
-    argv = ["--dataset", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    dataset = request.getfixturevalue(folder)
+    argv = ["--dataset", str(dataset), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
     result = subprocess.run(
-        [*launch, str(RECIPES / "cifar100.py"), *argv, *TINY, "--num_tasks", "2", "--num_seeds", "1"],
+        [*launch, str(RECIPES / f"{recipe}.py"), *argv, *TINY, *extra, "--num_tasks", "2", "--num_seeds", "1"],
         env=env,
         capture_output=True,
         text=True,
@@ -188,11 +200,14 @@ def test_two_cpu_processes_evaluate_every_test_sample_once_and_write_one_set_of_
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read(out / "seed-0" / "metrics.json")
-    assert metrics["evaluated_samples"] == [10, 10]  # 5 per class x 2 classes, not 12 (padded to 2 x 6)
+    # split_folder: 5 test images per class, so 2 processes must pad a batch that gather_for_metrics then drops;
+    # flat_folder: 2 of 10 held out per class
+    assert metrics["evaluated_samples"] == ([10, 10] if folder == "split_folder" else [4, 4])
+    assert [task["test"] for task in read(out / "protocol.json")["tasks"]] == metrics["evaluated_samples"]
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
     assert names.count("seed-0/metrics.json") == 1 and names.count("summary.json") == 1
     assert not [name for name in names if ".tmp" in name or "rank" in name]
-    assert result.stdout.count("| faa |") == 1, result.stdout  # the summary is printed by the main process only
+    assert result.stdout.count("| faa |") == 1, result.stdout  # one job, summarised once by the main process
 
 
 def test_resume_reads_finished_seeds_back_and_trains_the_missing_one(split_folder, tmp_path):
