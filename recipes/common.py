@@ -101,8 +101,11 @@ def parse_arguments(defaults: dict[str, Any], argv: list[str] | None = None):
     if unknown:
         raise SystemExit(f"unknown arguments {unknown} in {known.config or 'the recipe defaults'}")
     parser.set_defaults(**values)
-    for action in parser._actions:  # a required argument (--dataset) may come from the defaults or the file
-        action.required = action.required and action.dest not in values
+    bookkeeping = {f.name for f in fields(PeftConfig)}
+    for action in parser._actions:
+        action.required = action.required and action.dest not in values  # --dataset may come from defaults/file
+        if action.dest in bookkeeping:  # PEFT's own fields (peft_type, task_type, ...) are not recipe settings
+            action.help = argparse.SUPPRESS
     data, model, config, training, _ = parser.parse_args_into_dataclasses(argv)  # _: the --config namespace
     return data, model, config, training
 
