@@ -127,14 +127,17 @@ class HyperNetwork(nn.Module):
             members = self._groups[key]
             out_features, in_features = self.module_shapes[members[0]]
             selected = hidden.index_select(1, getattr(self, f"_members_{key}"))
-            flat = torch.addmm(head.bias, selected.flatten(0, 1), head.weight.t(), alpha=self.output_scale)
+            # output_scale multiplies the (small) hidden input, so no backward pass scales a head-sized gradient
+            flat = torch.addmm(head.bias, selected.flatten(0, 1) * self.output_scale, head.weight.t())
             flat = flat.view(num_tasks, len(members), -1)
             a, b = flat.split([self.r * in_features, out_features * self.r], dim=-1)
-            a = a.reshape(num_tasks, -1, self.r, in_features)
-            b = b.reshape(num_tasks, -1, out_features, self.r)
+            # unbind, not a[:, j] per member: its backward is one stack, where per-member selects would each
+            # build and sum a gradient the size of the whole group
+            a = a.reshape(num_tasks, -1, self.r, in_features).unbind(1)
+            b = b.reshape(num_tasks, -1, out_features, self.r).unbind(1)
             for j, m in enumerate(members):
-                A[m] = a[:, j]
-                B[m] = b[:, j]
+                A[m] = a[j]
+                B[m] = b[j]
         return HypernetOutput(hidden, A, B)
 
     def version(self) -> tuple:

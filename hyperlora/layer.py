@@ -112,23 +112,25 @@ class HyperLoraLayer(BaseTunerLayer, nn.Module):
                     "not one of its layers"
                 )
             A, B, index = weights
-            A, B = A.to(x.dtype), B.to(x.dtype)
+            # the scaling goes on B (out x r), not on the (batch, ..., out) output: one pass less, both ways
+            A, B = A.to(x.dtype), B.to(x.dtype) * self.scaling[name]
             x_in = self.lora_dropout[name](x)
             if index is not None and index.shape[0] != x.shape[0]:
                 raise ValueError(f"task_ids has {index.shape[0]} entries but the batch has {x.shape[0]} samples")
             if A.shape[0] == 1:
-                delta = self._single_task(x_in, A[0], B[0])
+                result = self._add_single_task(result, x_in, A[0], B[0])
             else:
-                delta = self._per_sample(x_in, A.index_select(0, index), B.index_select(0, index))
-            result = result + delta * self.scaling[name]
+                result = result + self._per_sample(x_in, A.index_select(0, index), B.index_select(0, index))
         return result
 
-    def _single_task(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    def _add_single_task(self, result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         if isinstance(self.base_layer, nn.Conv2d):
             base = self.base_layer
             hidden = F.conv2d(x, A[:, :, None, None], stride=base.stride, padding=base.padding)
-            return F.conv2d(hidden, B[:, :, None, None])
-        return F.linear(F.linear(x, A), B)
+            return result + F.conv2d(hidden, B[:, :, None, None])
+        # result + (x A^T) B^T as one GEMM that accumulates into the base output
+        hidden = F.linear(x, A).reshape(-1, A.shape[0])
+        return torch.addmm(result.reshape(-1, B.shape[0]), hidden, B.t()).view(result.shape)
 
     def _per_sample(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         # A: (N, r, in), B: (N, out, r), one factor pair per sample.
