@@ -245,7 +245,9 @@ class ContinualTrainer:
         ]
         if decoder is not None:
             groups.append({"params": list(decoder.parameters()), "lr": args.learning_rate})
-        optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+        # fused: one kernel over all parameters, which matters for the hypernet's few large head matrices
+        fused = accelerator.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=fused)
         loader = self._loader(task, "train", augment=args.augment, shuffle=True, shard=False, seed=args.seed + t)
         steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
         total = steps_per_epoch * args.num_epochs
