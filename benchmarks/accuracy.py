@@ -1,20 +1,31 @@
-"""Accuracy of HyperLoRA against PEFT-LoRA baselines, side by side on the same backbone, data, budget and seeds.
+"""Accuracy of HyperLoRA against its ablations and PEFT-LoRA baselines, side by side on the same backbone, data,
+budget and seeds.
 
 Methods (``--methods``):
 - ``hyperlora``: the full method (hyperlora.trainer.ContinualTrainer);
-- ``lora_per_task``: one independent PEFT LoRA adapter and head per task (task-incremental ceiling, T adapters stored);
-- ``lora_sequential``: one PEFT LoRA adapter fine-tuned through all tasks, a head per task (the forgetting floor).
+- ablations, each one HyperLoraConfig switch: ``no_guidance`` (normalisation "none": a plain hypernetwork with
+  learned, randomly initialised task embeddings), ``minmax`` (min-max instead of AHP), ``no_regulariser``
+  (beta_reg 0), ``random_init`` (task embeddings start at random, guidance kept);
+- ``lora_per_task``: one independent PEFT LoRA adapter and head per task (task-incremental ceiling, T adapters);
+- ``lora_sequential``: one PEFT LoRA adapter fine-tuned through all tasks, a head per task (the forgetting floor);
+- ``lora_ewc``: the same, with online EWC (diagonal empirical Fisher) on the adapter's parameters;
+- ``joint``: one PEFT LoRA adapter and a head per task trained on all tasks at once (the upper bound; only its
+  final accuracies exist).
 
-Benchmark ``quickstart``: the offline six-task sequence of recipes/quickstart.py on EfficientNet-Lite0.
+Benchmarks (``--benchmark``): ``quickstart``, the offline six-task sequence of recipes/quickstart.py (five
+split-MNIST pairs, then sklearn digits as a ten-class task from another domain) on EfficientNet-Lite0; ``long``,
+ten two-class tasks (the five MNIST pairs, then five pairs of sklearn 8x8 digits).
 
     python benchmarks/accuracy.py --seeds 0 1 2 --output_dir benchmarks/results/accuracy
 
-Writes accuracy.json and accuracy.md (mean and std over seeds) under the output directory.
+Writes accuracy.json, accuracy.md (mean and std over seeds) and accuracy.png under the output directory; with
+``--append`` the runs are added to those already in accuracy.json (same benchmark), so methods can be run apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -33,8 +44,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
-from quickstart import build_backbone, build_tasks
+from quickstart import _split, build_backbone, build_tasks
 
+from hyperlora.checkpoint import atomic_write_json, atomic_write_text
 from hyperlora.data import TaskImages, image_spec, pooled_features
 from hyperlora.metrics import METRIC_KEYS, continual_metrics
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
@@ -50,27 +62,62 @@ def _loader(task, split: str, spec, shuffle: bool, seed: int):
     )
 
 
-def _train_lora_task(model, head: nn.Linear, task, spec, seed: int) -> None:
+def _train_lora_task(model, head: nn.Linear, task, spec, seed: int, penalty=None) -> None:
     """The same budget and optimiser as the HyperLoRA trainer: AdamW, cosine schedule, grad-norm clip 1."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": params, "lr": LR}, {"params": head.parameters(), "lr": HEAD_LR}], weight_decay=0.0
-    )
     loader = _loader(task, "train", spec, shuffle=True, seed=seed)
+    _fit(model, [head], params, loader, lambda feats, labels, _: F.cross_entropy(head(feats), labels), penalty)
+
+
+def _fit(model, heads, params, loader, loss_fn, penalty=None) -> None:
+    head_params = [p for head in heads for p in head.parameters()]
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "lr": LR}, {"params": head_params, "lr": HEAD_LR}], weight_decay=0.0, fused=True
+    )
     total = EPOCHS * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     _train_mode(model)
     for _ in range(EPOCHS):
-        for pixel_values, labels in loader:
-            loss = F.cross_entropy(head(pooled_features(model(pixel_values))), labels)
+        for pixel_values, labels, *task_ids in loader:
+            loss = loss_fn(pooled_features(model(pixel_values)), labels, task_ids[0] if task_ids else None)
+            if penalty is not None:
+                loss = loss + penalty()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([*params, *head.parameters()], 1.0)
+            torch.nn.utils.clip_grad_norm_([*params, *head_params], 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
     model.eval()
+
+
+class OnlineEWC:
+    """Online EWC (Schwarz et al. 2018) on the adapter: F <- F + F_t and anchors at the end of each task, penalty
+    strength / 2 * sum F (theta - anchor)^2. F_t is the batch-level empirical Fisher (squared gradients of the
+    mean loss per batch, averaged over batches)."""
+
+    def __init__(self, params: list[nn.Parameter], strength: float) -> None:
+        self.params, self.strength = params, strength
+        self.fisher = [torch.zeros_like(p) for p in params]
+        self.anchors: list[torch.Tensor] | None = None
+
+    def penalty(self) -> torch.Tensor:
+        if self.anchors is None:
+            return torch.zeros(())
+        terms = [(f * (p - a) ** 2).sum() for f, p, a in zip(self.fisher, self.params, self.anchors, strict=True)]
+        return 0.5 * self.strength * torch.stack(terms).sum()
+
+    def consolidate(self, model, head: nn.Linear, task, spec) -> None:
+        loader = _loader(task, "train", spec, shuffle=False, seed=0)
+        model.eval()
+        for pixel_values, labels in loader:
+            model.zero_grad()
+            F.cross_entropy(head(pooled_features(model(pixel_values))), labels).backward()
+            for f, p in zip(self.fisher, self.params, strict=True):
+                f += p.grad.detach() ** 2 / len(loader)
+        model.zero_grad()
+        self.anchors = [p.detach().clone() for p in self.params]
 
 
 def _train_mode(model: nn.Module) -> None:
@@ -107,36 +154,101 @@ def _lora(backbone: nn.Module):
     return get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
 
 
-def run_lora(tasks, seed: int, per_task: bool) -> dict:
-    """Accuracy matrix of per-task or sequential LoRA; per-task adapters never change once trained."""
+def run_lora(tasks, seed: int, mode: str, ewc_strength: float = 0.0) -> dict:
+    """Accuracy matrix of per-task, sequential or EWC LoRA; per-task adapters never change once trained."""
     num_tasks = len(tasks)
     R = np.full((num_tasks, num_tasks), np.nan)
     heads, adapters, times = [], [], []
     torch.manual_seed(seed)
     backbone, _, size = build_backbone("efficientnet")
     spec = image_spec(backbone, size)
-    model = None if per_task else _lora(backbone)
+    model = None if mode == "per_task" else _lora(backbone)
+    ewc = OnlineEWC([p for p in model.parameters() if p.requires_grad], ewc_strength) if mode == "ewc" else None
     for t, task in enumerate(tasks):
         torch.manual_seed(seed + t)
         start = time.perf_counter()
-        if per_task:
-            torch.manual_seed(seed + t)
+        if mode == "per_task":
             model = _lora(build_backbone("efficientnet")[0])
             adapters.append(model)
         head = nn.Linear(1280, task.num_classes)
-        _train_lora_task(model, head, task, spec, seed + t)
+        _train_lora_task(model, head, task, spec, seed + t, penalty=ewc.penalty if ewc else None)
+        if ewc is not None:
+            ewc.consolidate(model, head, task, spec)
         head.requires_grad_(False)
         heads.append(head)
         times.append(time.perf_counter() - start)
         for j in range(t + 1):
-            R[t, j] = _accuracy(adapters[j] if per_task else model, heads[j], tasks[j], spec)
+            R[t, j] = _accuracy(adapters[j] if mode == "per_task" else model, heads[j], tasks[j], spec)
     lora_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
-    return {"accuracy_matrix": R, "train_s": times, "bytes_per_task": lora_bytes if per_task else 0}
+    return {
+        "accuracy_matrix": R,
+        "train_s": times,
+        "bytes_per_task": lora_bytes if mode == "per_task" else 0,
+        "shared_bytes": 0 if mode == "per_task" else lora_bytes,
+    }
 
 
-def run_hyperlora(tasks, seed: int, output_dir: Path) -> dict:
+class _Tagged(torch.utils.data.Dataset):
+    """A task's images with the task's index as a third item, so that one loader can mix tasks."""
+
+    def __init__(self, images: TaskImages, task_id: int) -> None:
+        self.images, self.task_id = images, task_id
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return (*self.images[i], self.task_id)
+
+
+def run_joint(tasks, seed: int) -> dict:
+    """One LoRA adapter and a head per task, trained on every task's data at once for the same number of epochs:
+    the upper bound a continual learner approaches. Only the final row of the accuracy matrix exists."""
+    torch.manual_seed(seed)
+    backbone, _, size = build_backbone("efficientnet")
+    spec = image_spec(backbone, size)
+    model = _lora(backbone)
+    heads = nn.ModuleList(nn.Linear(1280, task.num_classes) for task in tasks)
+    union = torch.utils.data.ConcatDataset(
+        [_Tagged(TaskImages(task.train, spec.transform(), task.classes), t) for t, task in enumerate(tasks)]
+    )
+    loader = torch.utils.data.DataLoader(
+        union, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+
+    def loss_fn(features, labels, task_ids):
+        losses = [
+            F.cross_entropy(heads[t](features[task_ids == t]), labels[task_ids == t], reduction="sum")
+            for t in task_ids.unique().tolist()
+        ]
+        return torch.stack(losses).sum() / labels.numel()
+
+    start = time.perf_counter()
+    _fit(model, list(heads), [p for p in model.parameters() if p.requires_grad], loader, loss_fn)
+    R = np.full((len(tasks), len(tasks)), np.nan)
+    R[-1] = [_accuracy(model, heads[j], tasks[j], spec) for j in range(len(tasks))]
+    lora_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
+    return {
+        "accuracy_matrix": R,
+        "train_s": [time.perf_counter() - start],
+        "bytes_per_task": 0,
+        "shared_bytes": lora_bytes,
+    }
+
+
+ABLATIONS = {
+    "hyperlora": {},
+    "no_guidance": {"normalisation": "none"},
+    "minmax": {"normalisation": "minmax"},
+    "no_regulariser": {"beta_reg": 0.0},
+    "random_init": {"embedding_init": "random"},
+}
+
+
+def run_hyperlora(tasks, seed: int, output_dir: Path, overrides: dict) -> dict:
     torch.manual_seed(seed)
     backbone, config, size = build_backbone("efficientnet")
+    config = dataclasses.replace(config, **overrides)
     args = ContinualTrainingArguments(
         output_dir=str(output_dir),
         num_epochs=EPOCHS,
@@ -160,88 +272,184 @@ def hypernet_bytes(model) -> int:
     return 4 * sum(p.numel() for n, p in hypernet.named_parameters() if not n.startswith("task_embeddings"))
 
 
-def _row(values) -> str:
+def build_benchmark(name: str, seed: int) -> list:
+    if name == "quickstart":
+        return build_tasks(seed)
+    if name == "long":  # five MNIST pairs, then five pairs of sklearn digits: ten two-class tasks, two domains
+        from sklearn.datasets import load_digits
+
+        mnist = build_tasks(seed)[:5]
+        digits = load_digits()
+        images, labels = (digits.images * (255.0 / 16.0)).round(), digits.target
+        rng = np.random.default_rng(seed + 1)
+        pairs = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+        return mnist + [
+            _split(f"digits-{a}{b}", images[np.isin(labels, (a, b))], labels[np.isin(labels, (a, b))], rng, 250)
+            for a, b in pairs
+        ]
+    raise SystemExit(f"unknown benchmark {name!r}: quickstart or long")
+
+
+def method_metrics(method: str, result: dict) -> dict:
+    """One run's row: task-IL metrics from its accuracy matrix, class-IL and router where the method has them."""
+    matrix = np.array(result["accuracy_matrix"], dtype=float)
+    if method == "joint":
+        metrics = {key: None for key in METRIC_KEYS} | {"faa": float(matrix[-1].mean())}
+    else:
+        metrics = continual_metrics(matrix, baseline=result.get("fwt_baseline"))
+    class_il = result.get("class_incremental")
+    metrics.update(
+        class_il_faa=class_il["faa"] if class_il else None,
+        router_accuracy=class_il["router_task_accuracy"][-1] if class_il else None,
+        train_s_per_task=float(np.mean(_timings(result))),
+        bytes_per_task=result["bytes_per_task"],
+        shared_bytes=result.get("shared_bytes", 0),
+        accuracy_matrix=np.where(np.isnan(matrix), None, matrix).tolist(),
+    )
+    return metrics
+
+
+def _timings(result: dict) -> list[float]:
+    if "timings" in result:  # ContinualTrainer: H-embedding + training + evaluation per task
+        return [sum(parts) for parts in zip(*result["timings"].values(), strict=True)]
+    return result["train_s"]
+
+
+def _cell(values, scale: float = 100.0, digits: int = 2) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "-"
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
+    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{scale * np.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
 
 
-def write_report(out: Path, runs: dict[str, list[dict]], seeds: list[int]) -> str:
-    """Rewrite accuracy.json and accuracy.md from the runs so far: a cut-off sweep keeps what it measured."""
+COLUMNS = [
+    ("faa", "FAA"),
+    ("daa", "DAA"),
+    ("avg_incremental_accuracy", "A-bar"),
+    ("forgetting", "forgetting"),
+    ("bwt", "BWT"),
+    ("fwt", "FWT"),
+    ("class_il_faa", "class-IL FAA"),
+    ("router_accuracy", "router task-id acc."),
+]
+
+
+def write_report(out: Path, benchmark: str, runs: dict[str, list[dict]]) -> str:
+    """Rewrite accuracy.json, .md and .png from the runs so far: a cut-off sweep keeps what it measured."""
     machine = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     summary = {
-        "benchmark": "quickstart (5 split-MNIST tasks + sklearn digits, EfficientNet-Lite0, 64 px)",
+        "benchmark": benchmark,
         "budget": {"epochs": EPOCHS, "batch_size": BATCH, "lr": LR, "head_lr": HEAD_LR},
         "machine": machine,
         "date": datetime.date.today().isoformat(),
         "runs": runs,
     }
-    (out / "accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
-    keys = [k for k in METRIC_KEYS if k != "fwt"]
+    atomic_write_json(out / "accuracy.json", summary)
+    seeds = sorted({r["seed"] for results in runs.values() for r in results})
     lines = [
-        f"# Task-incremental accuracy on the quickstart benchmark ({len(seeds)} seeds, mean ± std, %)",
+        f"# {benchmark}: accuracy (%, mean ± std over seeds {seeds})",
         "",
-        f"Machine: {machine}; {summary['date']}. Command: `python benchmarks/accuracy.py --seeds "
-        f"{' '.join(map(str, seeds))}`.",
+        f"Machine: {machine}; {summary['date']}. Command: `python benchmarks/accuracy.py --benchmark {benchmark} "
+        f"--seeds {' '.join(map(str, seeds))} --methods {' '.join(runs)}`. Task-incremental unless marked class-IL.",
         "",
-        "| method | " + " | ".join(keys) + " | bytes stored per task (besides the head) | bytes shared by all tasks |",
-        "|---|" + "---|" * (len(keys) + 2),
+        "| method | seeds | "
+        + " | ".join(title for _, title in COLUMNS)
+        + " | s / task | bytes per task | bytes shared |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 3),
     ]
     for method, results in runs.items():
         if not results:
             continue
-        cells = [_row([r[k] for r in results]) for k in keys]
+        cells = [_cell([r[key] for r in results]) for key, _ in COLUMNS]
+        wall = _cell([r["train_s_per_task"] for r in results], scale=1.0, digits=0)
         lines.append(
-            f"| {method} | "
-            + " | ".join(cells)
-            + f" | {results[0]['bytes_per_task']:,} | {results[0]['shared_bytes']:,} |"
+            f"| {method} | {len(results)} | {' | '.join(cells)} | {wall} | {results[0]['bytes_per_task']:,} | "
+            f"{results[0]['shared_bytes']:,} |"
         )
-    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
-    return "\n".join(lines)
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "accuracy.md", text)
+    _plot(out / "accuracy.png", benchmark, runs)
+    return text
+
+
+def _plot(path: Path, benchmark: str, runs: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m, results in runs.items() if results]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(methods) + 1.6), sharey=True)
+    panels = [("faa", "final average accuracy (%)"), ("forgetting", "forgetting (%)")]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        means, stds = [], []
+        for m in methods:
+            values = [r[key] for r in runs[m] if r[key] is not None]
+            means.append(100 * np.mean(values) if values else np.nan)
+            stds.append(100 * np.std(values, ddof=1) if len(values) > 1 else 0.0)
+        ax.barh(methods, means, xerr=stds, color=["C0" if "lora" not in m and m != "joint" else "C7" for m in methods])
+        ax.set_xlabel(title)
+        ax.invert_yaxis()
+    axes[0].set_xlim(left=max(0.0, np.nanmin([100 * np.mean([r["faa"] for r in runs[m]]) for m in methods]) - 10))
+    fig.suptitle(f"{benchmark}: mean ± std over seeds")
+    fig.tight_layout()
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
+        fig.savefig(tmp.name, dpi=120)
+    plt.close(fig)
+    Path(tmp.name).replace(path)
+
+
+def run_method(method: str, tasks, seed: int, ewc_strength: float) -> dict:
+    if method in ABLATIONS:
+        with tempfile.TemporaryDirectory(prefix=f"{method}-seed{seed}-") as tmp:
+            return run_hyperlora(tasks, seed, Path(tmp), ABLATIONS[method])
+    if method in ("lora_per_task", "lora_sequential", "lora_ewc"):
+        return run_lora(tasks, seed, mode=method.removeprefix("lora_"), ewc_strength=ewc_strength)
+    if method == "joint":
+        return run_joint(tasks, seed)
+    raise SystemExit(f"unknown method {method!r}")
+
+
+METHODS = [*ABLATIONS, "lora_per_task", "lora_sequential", "lora_ewc", "joint"]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["hyperlora", "lora_per_task", "lora_sequential"])
+    parser.add_argument("--benchmark", choices=["quickstart", "long"], default="quickstart")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output_dir", default="benchmarks/results/accuracy")
+    parser.add_argument("--ewc_strength", type=float, default=1e4)
+    parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/accuracy/<benchmark>")
+    parser.add_argument("--append", action="store_true", help="add to the runs already in accuracy.json")
     cli = parser.parse_args(argv)
-    out = Path(cli.output_dir)
+    out = Path(cli.output_dir or Path(__file__).parent / "results" / "accuracy" / cli.benchmark)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs: dict[str, list[dict]] = {method: [] for method in cli.methods}
+    runs: dict[str, list[dict]] = {}
+    if cli.append and (out / "accuracy.json").exists():
+        previous = json.loads((out / "accuracy.json").read_text())
+        if previous["benchmark"] != cli.benchmark:
+            raise SystemExit(f"{out / 'accuracy.json'} holds {previous['benchmark']!r}, not {cli.benchmark!r}")
+        runs = previous["runs"]
     for seed in cli.seeds:
-        tasks = build_tasks(seed)
+        tasks = build_benchmark(cli.benchmark, seed)
         for method in cli.methods:
             start = time.perf_counter()
-            if method == "hyperlora":
-                result = run_hyperlora(tasks, seed, Path(tempfile.mkdtemp(prefix=f"{method}-seed{seed}-")))
-                matrix = np.array(result["accuracy_matrix"], dtype=float)
-            elif method in ("lora_per_task", "lora_sequential"):
-                result = run_lora(tasks, seed, per_task=method == "lora_per_task")
-                matrix = result["accuracy_matrix"]
-            else:
-                raise SystemExit(f"unknown method {method!r}")
-            metrics = continual_metrics(matrix)
-            metrics.update(
-                seed=seed,
-                wall_s=time.perf_counter() - start,
-                bytes_per_task=result["bytes_per_task"],
-                shared_bytes=result.get("shared_bytes", 0),
-                accuracy_matrix=np.where(np.isnan(matrix), None, matrix).tolist(),
-            )
-            runs[method].append(metrics)
-            write_report(out, runs, cli.seeds)
+            metrics = method_metrics(method, run_method(method, tasks, seed, cli.ewc_strength))
+            metrics.update(seed=seed, wall_s=time.perf_counter() - start)
+            if method == "lora_ewc":
+                metrics["ewc_strength"] = cli.ewc_strength
+            runs[method] = [r for r in runs.get(method, []) if r["seed"] != seed] + [metrics]
+            write_report(out, cli.benchmark, runs)
             print(
                 f"{method:16s} seed {seed}: FAA {100 * metrics['faa']:.2f}  forgetting "
                 f"{100 * (metrics['forgetting'] or 0):.2f}  ({metrics['wall_s']:.0f} s)",
                 flush=True,
             )
-
-    print(write_report(out, runs, cli.seeds))
+    print(write_report(out, cli.benchmark, runs))
 
 
 if __name__ == "__main__":
