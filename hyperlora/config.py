@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Literal
+import hashlib
+import json
+import math
+from dataclasses import InitVar, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
 
+import safetensors
 from peft import PeftConfig
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 PEFT_TYPE = "HYPERLORA"
 
@@ -29,6 +35,11 @@ _POSITIVE_INTS = (
     "decoder_hidden_dim",
 )
 _NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage")
+_NUMBERS = ("lora_alpha", "lora_dropout", *_NON_NEGATIVE_FLOATS)
+_BOOLS = ("h_score_shrinkage", "inference_mode")
+_MODULE_LISTS = ("target_modules", "exclude_modules", "modules_to_save")
+# adapter_config.json key (not a field) with the SHA-256 of the weights file(s) saved next to it.
+CHECKSUM_KEY = "weights_sha256"
 
 
 @dataclass
@@ -73,16 +84,38 @@ class HyperLoraConfig(PeftConfig):
     decoder_hidden_dim: int = field(default=64, metadata={"help": "Width of the guidance decoder D."})
     router: Router = field(default="gaussian", metadata={"help": "Class-incremental router: gaussian | entropy."})
     router_shrinkage: float = field(default=0.1, metadata={"help": "Shrinkage of the router's covariance."})
+    # Read from adapter_config.json by from_pretrained and checked there; an InitVar, so never part of to_dict().
+    weights_sha256: InitVar[dict[str, str] | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, weights_sha256: dict[str, str] | None) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        sums_ok = isinstance(weights_sha256, dict) and all(
+            name in _WEIGHTS_FILES and isinstance(digest, str) for name, digest in weights_sha256.items()
+        )
+        if not (weights_sha256 is None or sums_ok):  # only PEFT's own file names: nothing else is ever opened
+            raise ValueError(f"{CHECKSUM_KEY} must map {_WEIGHTS_FILES} to SHA-256 digests, got {weights_sha256!r}")
+        self._weights_sha256 = weights_sha256
+        # Types first, each naming the field: values often come from a hand-edited adapter_config.json.
         for name in _POSITIVE_INTS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"HyperLoraConfig.{name} must be a positive integer, got {value!r}")
-        if self.h_embedding_steps < 0:
-            raise ValueError(f"HyperLoraConfig.h_embedding_steps must be >= 0, got {self.h_embedding_steps}")
+        steps = self.h_embedding_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"HyperLoraConfig.h_embedding_steps must be an integer >= 0, got {steps!r}")
+        for name in _NUMBERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"HyperLoraConfig.{name} must be a finite number, got {value!r}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HyperLoraConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in _MODULE_LISTS:
+            value = getattr(self, name)
+            names_ok = isinstance(value, list | tuple | set) and all(isinstance(v, str) for v in value)
+            if not (value is None or names_ok or (isinstance(value, str) and name != "modules_to_save")):
+                raise ValueError(f"HyperLoraConfig.{name} must be None or a list of module names, got {value!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"HyperLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name in _NON_NEGATIVE_FLOATS:
@@ -99,6 +132,68 @@ class HyperLoraConfig(PeftConfig):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Refuse unknown adapter_config.json keys: PEFT warns and drops them, which would load an adapter that
+        behaves differently from the one that was saved."""
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)} - {CHECKSUM_KEY})
+        if unknown:
+            raise ValueError(
+                f"{CONFIG_NAME} has keys HyperLoraConfig does not know: {unknown} "
+                "(written by a newer hyperlora, or edited by hand)"
+            )
+        return kwargs
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's, plus the SHA-256 of the weights file that PeftModel.save_pretrained wrote just before, so that
+        from_pretrained refuses a truncated or altered file by name instead of loading different weights."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        digests = {name: _sha256(folder / name) for name in _WEIGHTS_FILES if (folder / name).is_file()}
+        if digests:
+            saved = json.loads((folder / CONFIG_NAME).read_text())
+            saved[CHECKSUM_KEY] = digests
+            (folder / CONFIG_NAME).write_text(json.dumps(saved, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> HyperLoraConfig:
+        """PEFT's, plus a check of a local folder's weights file (PeftModel.from_pretrained reads the config first):
+        against the recorded SHA-256, or, for adapters saved without one, that its safetensors header is whole."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        if folder.is_dir():
+            _check_weights(folder, config._weights_sha256 or {})
+        return config
+
+
+_WEIGHTS_FILES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _check_weights(folder: Path, digests: dict[str, str]) -> None:
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {CONFIG_NAME} in {folder} was saved together with it")
+        if _sha256(path) != digest:
+            raise ValueError(
+                f"{path} does not match the SHA-256 recorded in {CONFIG_NAME}: it is truncated or corrupted, "
+                "or it comes from a different save"
+            )
+    path = folder / SAFETENSORS_WEIGHTS_NAME
+    if SAFETENSORS_WEIGHTS_NAME not in digests and path.is_file():
+        try:
+            with safetensors.safe_open(str(path), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise ValueError(f"{path} is truncated or corrupted: {exc}") from None
 
 
 def differing_fields(saved: dict, config: HyperLoraConfig) -> list[str]:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from torch import nn
 from torchvision import transforms
 
@@ -32,8 +33,8 @@ class Task:
                 )
             if len(dataset) == 0:
                 raise ValueError(f"task {self.name!r}: the {split} split is empty")
-        self.classes = sorted(set(_labels(self.train)))
-        unknown = sorted(set(_labels(self.test)) - set(self.classes))
+        self.classes = sorted(set(_labels(self.train, f"task {self.name!r}: the train split")))
+        unknown = sorted(set(_labels(self.test, f"task {self.name!r}: the test split")) - set(self.classes))
         if unknown:
             raise ValueError(f"task {self.name!r}: test labels {unknown[:10]} never occur in the train split")
         if len(self.classes) < 2:
@@ -44,11 +45,12 @@ class Task:
         return len(self.classes)
 
 
-def _labels(dataset) -> list[int]:
-    labels = dataset["label"]
-    if any(isinstance(label, bool) or not isinstance(label, int) or label < 0 for label in labels):
-        raise ValueError("labels must be non-negative integers")
-    return list(labels)
+def _labels(dataset, where: str) -> list[int]:
+    labels = list(dataset["label"])
+    bad = [label for label in labels if isinstance(label, bool) or not isinstance(label, int) or label < 0]
+    if bad:
+        raise ValueError(f"{where} has labels that are not non-negative integers: {bad[:10]}")
+    return labels
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,13 @@ class ImageSpec:
 
 
 def _to_rgb(image):
+    """Any PIL mode (grayscale, palette, RGBA, 16-bit, float) becomes RGB; anything else is refused by name."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"expected a PIL image in the 'image' column (a datasets.Image() feature), got {type(image).__name__}"
+        )
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"cannot use an empty image of size {image.size}")
     return image.convert("RGB")
 
 
@@ -105,7 +114,12 @@ class TaskImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         example = self.dataset[self.indices[i]]
-        return self.transform(example["image"]), self.local[example["label"]]
+        label = example["label"]
+        if label not in self.local:  # a bare KeyError(7) would not say whose label it is
+            raise ValueError(
+                f"example {self.indices[i]} has label {label!r}, not one of this task's {list(self.local)}"
+            )
+        return self.transform(example["image"]), self.local[label]
 
 
 def pooled_features(output) -> torch.Tensor:

@@ -88,7 +88,13 @@ class HyperNetwork(nn.Module):
         device = self.module_embeddings.device
         if embedding is None:
             embedding = torch.randn(self.task_embedding_dim)
-        embedding = torch.as_tensor(embedding, dtype=torch.float32).detach().clone()
+        try:
+            embedding = torch.as_tensor(embedding)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"task embedding must be a real tensor, got {type(embedding).__name__}: {exc}") from None
+        if embedding.dtype.is_complex or embedding.dtype == torch.bool:  # casting would drop or invent values
+            raise TypeError(f"task embedding must be a real tensor, got dtype {embedding.dtype}")
+        embedding = embedding.to(torch.float32).detach().clone()
         if embedding.shape != (self.task_embedding_dim,):
             raise ValueError(
                 f"task embedding must have shape ({self.task_embedding_dim},), got {tuple(embedding.shape)}"

@@ -317,13 +317,44 @@ class HyperLoraModel(BaseTuner):
             if found[k] != expected[k]
         ]
         if problems:
+            fields = _differing_shape_fields(found, expected, f".{cls.prefix}hypernet.{adapter_name}.")
             raise ValueError(
                 "this HyperLoRA checkpoint does not fit the model: it was saved with a different config "
                 "(r, embedding sizes, hypernet width/depth, target_modules) or base model. "
+                + (f"Differing config keys: {'; '.join(fields)}. " if fields else "")
                 + "; ".join(problems[:8])
                 + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
             )
         return remapped
+
+
+def _shape_fields(shapes: dict[str, torch.Size], marker: str) -> dict[str, object]:
+    """The config values a hypernetwork state dict's shapes imply (what can be read off a checkpoint)."""
+    by_name = {key.split(marker, 1)[1]: shape for key, shape in shapes.items() if marker in key}
+    implied: dict[str, object] = {}
+    if "module_embeddings" in by_name:
+        implied["target_modules (number of adapted modules)"], implied["module_embedding_dim"] = by_name[
+            "module_embeddings"
+        ]
+    trunk = sorted(int(name.split(".")[1]) for name in by_name if re.fullmatch(r"trunk\.\d+\.weight", name))
+    implied["hypernet_num_layers"] = len(trunk)
+    if trunk:
+        hidden, width = by_name[f"trunk.{trunk[0]}.weight"]
+        implied["hypernet_hidden_dim"] = hidden
+        if "module_embedding_dim" in implied:
+            implied["task_embedding_dim"] = width - implied["module_embedding_dim"]
+    heads = {name: shape for name, shape in by_name.items() if re.fullmatch(r"heads\.\d+x\d+\.weight", name)}
+    implied["weight shapes of the adapted modules"] = sorted(name.split(".")[1] for name in heads)
+    for name, shape in heads.items():
+        out_features, in_features = map(int, name.split(".")[1].split("x"))
+        implied["r"] = shape[0] // (out_features + in_features)
+    return implied
+
+
+def _differing_shape_fields(found: dict, expected: dict, marker: str) -> list[str]:
+    """'key: checkpoint X vs model Y' for every config value the checkpoint's shapes contradict."""
+    saved, model = _shape_fields(found, marker), _shape_fields(expected, marker)
+    return [f"{k} (checkpoint {saved[k]}, model {model[k]})" for k in saved if k in model and saved[k] != model[k]]
 
 
 def _resolve_task_ids(hypernet: HyperNetwork, task_ids: TaskIds) -> tuple[list[int], torch.Tensor | None]:
@@ -334,7 +365,16 @@ def _resolve_task_ids(hypernet: HyperNetwork, task_ids: TaskIds) -> tuple[list[i
         return [hypernet.active_task], None
     if isinstance(task_ids, int) and not isinstance(task_ids, bool):
         return [hypernet.check_task(task_ids)], None
-    ids = torch.as_tensor(task_ids)
+    try:
+        ids = torch.as_tensor(task_ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # None entries, strings, sets, ints beyond int64
+        if isinstance(task_ids, list | tuple) and all(type(t) is int for t in task_ids):
+            for task_id in task_ids:
+                hypernet.check_task(task_id)  # a flat list of ints: one of them is beyond int64, an unknown id
+        raise TypeError(
+            "task_ids must be an int, a sequence of ints or an integer tensor (one id per sample), "
+            f"got {type(task_ids).__name__} {task_ids!r:.80}"
+        ) from None
     if ids.numel() == 0:  # checked first: torch.as_tensor([]) is float32, which is not the caller's mistake
         raise ValueError(f"task_ids must be 1-D with one task id per sample, got shape {tuple(ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
