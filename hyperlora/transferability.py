@@ -55,6 +55,8 @@ def h_score(features, labels, shrinkage: bool = True) -> float:
         raise ValueError(f"the H-score needs at least 2 classes, got {len(classes)}")
 
     centred = F - F.mean(axis=0)
+    # a constant column's mean can be one rounding step off: that offset is no signal, and it makes cov_f singular
+    centred[:, np.ptp(F, axis=0) == 0] = 0.0
     n, d = centred.shape
     cov_f = centred.T @ centred / n
     if not np.any(cov_f):
