@@ -92,9 +92,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def publish_checkpoint(root: str | Path, name: str) -> None:
-    """Point ``latest`` at a finished checkpoint, then drop the older ones."""
+    """Point ``latest`` at a finished checkpoint, then drop the older ones and what killed runs left half-written."""
     root = Path(root)
     atomic_write_text(root / LATEST, name + "\n")
     for old in root.iterdir():
         if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+        elif old.is_file() and old.name != LATEST:  # e.g. a .latest.*.tmp from a run killed while writing it
+            old.unlink(missing_ok=True)

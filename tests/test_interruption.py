@@ -329,3 +329,15 @@ def test_one_class_is_a_clear_value_error(shrinkage):
 def test_a_one_class_task_is_refused_before_training_and_named():
     with pytest.raises(ValueError, match=r"task 'solo': needs at least 2 classes"):
         make_task("solo", [4], seed=0, train_per_class=3, test_per_class=2)
+
+
+def test_publishing_a_checkpoint_clears_what_killed_runs_left(tmp_path):
+    from hyperlora.checkpoint import latest_checkpoint, publish_checkpoint
+
+    for name in ("task-000", "task-001", ".task-002.ab12.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text("{}")
+    (tmp_path / ".latest.x9y8.tmp").write_text("task-0")  # a pointer write cut short
+    publish_checkpoint(tmp_path, "task-001")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "task-001"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "task-001"
