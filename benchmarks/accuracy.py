@@ -424,16 +424,27 @@ def main(argv=None) -> None:
     parser.add_argument("--ewc_strength", type=float, default=1e4)
     parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/accuracy/<benchmark>")
     parser.add_argument("--append", action="store_true", help="add to the runs already in accuracy.json")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, help="only combine these accuracy.json files (runs made apart) into one report"
+    )
     cli = parser.parse_args(argv)
     out = Path(cli.output_dir or Path(__file__).parent / "results" / "accuracy" / cli.benchmark)
     out.mkdir(parents=True, exist_ok=True)
 
     runs: dict[str, list[dict]] = {}
-    if cli.append and (out / "accuracy.json").exists():
-        previous = json.loads((out / "accuracy.json").read_text())
+    sources = list(cli.merge or []) + (
+        [out / "accuracy.json"] if cli.append and (out / "accuracy.json").exists() else []
+    )
+    for source in sources:
+        previous = json.loads(source.read_text())
         if previous["benchmark"] != cli.benchmark:
-            raise SystemExit(f"{out / 'accuracy.json'} holds {previous['benchmark']!r}, not {cli.benchmark!r}")
-        runs = previous["runs"]
+            raise SystemExit(f"{source} holds {previous['benchmark']!r}, not {cli.benchmark!r}")
+        for method, results in previous["runs"].items():
+            seeds = {r["seed"] for r in results}
+            runs[method] = [r for r in runs.get(method, []) if r["seed"] not in seeds] + results
+    if cli.merge:
+        print(write_report(out, cli.benchmark, {m: sorted(r, key=lambda x: x["seed"]) for m, r in runs.items()}))
+        return
     for seed in cli.seeds:
         tasks = build_benchmark(cli.benchmark, seed)
         for method in cli.methods:
