@@ -14,15 +14,11 @@ fresh subprocess per method and run. Results go to ``<output-dir>/<name>.md`` an
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import datetime
-import gc
 import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peak_memory import describe, peak_increase
 from torch import nn
 
 TARGET_MODULES = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -201,45 +198,11 @@ def summary(samples: list[float]) -> dict:
 # --- peak memory (one fresh subprocess per method and run) --------------------------------------------------------
 
 
-def _proc_status_kib(key: str) -> int:
-    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    if match is None:
-        raise OSError(f"{key} not in /proc/self/status")
-    return int(match.group(1))
-
-
 def memory_worker(variant: str, args: argparse.Namespace) -> dict:
     """Peak memory of ``args.memory_steps`` training steps above the state right after model construction."""
     model, head = build(variant, args)
     x, y = batch(args)
-    step = train_step(model, head, x, y)
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        for _ in range(args.memory_steps):
-            step()
-        torch.cuda.synchronize()
-        return {"peak_increase_bytes": torch.cuda.max_memory_allocated() - baseline, "baseline_bytes": baseline}
-    with contextlib.suppress(OSError, AttributeError):  # hand construction garbage back: baseline = resident model
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
-        baseline = _proc_status_kib("VmRSS") * 1024
-        for _ in range(args.memory_steps):
-            step()
-        peak = _proc_status_kib("VmHWM") * 1024
-        how = "VmHWM"
-    except OSError:  # no /proc peak reset: ru_maxrss also holds any construction-time peak (an over-estimate)
-        import psutil
-
-        baseline = psutil.Process().memory_info().rss
-        for _ in range(args.memory_steps):
-            step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        how = "ru_maxrss"
-    return {"peak_increase_bytes": peak - baseline, "baseline_bytes": baseline, "how": how}
+    return peak_increase(train_step(model, head, x, y), args.memory_steps, args.device)
 
 
 def measure_memory(variants: list[str], args: argparse.Namespace, argv: list[str]) -> dict[str, list[int]]:
@@ -255,30 +218,9 @@ def measure_memory(variants: list[str], args: argparse.Namespace, argv: list[str
             )
             record = json.loads(out.stdout.strip().splitlines()[-1])
             results[variant].append(record["peak_increase_bytes"])
-            hows.add(record.get("how", "cuda"))
+            hows.add(record["how"])
     results["_how"] = sorted(hows)
     return results
-
-
-def memory_method(device: str, hows: list[str]) -> str:
-    if device.startswith("cuda"):
-        return (
-            "torch.cuda.max_memory_allocated() over the training steps minus torch.cuda.memory_allocated() right "
-            "after model construction, in a fresh subprocess per run (after reset_peak_memory_stats): gradients, "
-            "AdamW state, activations and the generated weights; not the caching allocator's reserve"
-        )
-    if hows == ["VmHWM"]:
-        return (
-            "peak RSS (VmHWM from /proc/self/status, reset through /proc/self/clear_refs right after model "
-            "construction, gc.collect() and malloc_trim) minus the RSS at that moment, over the training steps, "
-            "in a fresh subprocess per run: the whole process's resident growth - gradients, AdamW state, "
-            "activations, the generated weights, allocator slack and any lazily loaded kernels; not the model "
-            "weights (already resident in the baseline)"
-        )
-    return (
-        "resource.getrusage ru_maxrss over the whole run minus psutil RSS right after model construction, in a fresh "
-        "subprocess per run (includes any construction-time peak above the baseline)"
-    )
 
 
 # --- storage -------------------------------------------------------------------------------------------------------
@@ -733,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         },
         "rows": rows,
         "timings": timings,
-        "memory_method": memory_method(args.device, mem_how),
+        "memory_method": describe(mem_how),
         "background_load_cores": {
             "memory": mem_load.cores,
             "training": train_load.cores,
