@@ -12,11 +12,16 @@ Methods (``--methods``):
 - ``joint``: one PEFT LoRA adapter and a head per task trained on all tasks at once (the upper bound; only its
   final accuracies exist).
 
-Benchmarks (``--benchmark``): ``quickstart``, the offline six-task sequence of recipes/quickstart.py (five
-split-MNIST pairs, then sklearn digits as a ten-class task from another domain) on EfficientNet-Lite0; ``long``,
-ten two-class tasks (the five MNIST pairs, then five pairs of sklearn 8x8 digits).
+Benchmarks (``--benchmark``, alias ``--dataset``): ``quickstart``, the offline six-task sequence of
+recipes/quickstart.py (five split-MNIST pairs, then sklearn digits as a ten-class task from another domain) on
+EfficientNet-Lite0; ``long``, ten two-class tasks (the five MNIST pairs, then five pairs of sklearn 8x8 digits), same
+backbone; ``imagenet_r``, the protocol of recipes/imagenet_r.py (200 classes in ``--num_tasks`` tasks, the seeded
+80/20 split, class order seed 1993) on a timm ViT (ViT-B/16 in21k by default; ``--data_path`` a Hub id or a local
+image folder), on a GPU when there is one. Every method reads the same budget (``--epochs``, ``--batch_size``,
+``--lr``, ``--head_lr``) and targets the same modules (HyperLoRA's, for PEFT LoRA too).
 
-    python benchmarks/accuracy.py --seeds 0 1 2 --output_dir benchmarks/results/accuracy
+    python benchmarks/accuracy.py --seeds 0 1 2
+    python benchmarks/accuracy.py --dataset imagenet_r --data_path /data/imagenet-r --epochs 20 --batch_size 64
 
 Writes accuracy.json, accuracy.md (mean and std over seeds) and accuracy.png under the output directory; with
 ``--append`` the runs are added to those already in accuracy.json (same benchmark), so methods can be run apart.
@@ -30,57 +35,86 @@ import datetime
 import json
 import math
 import platform
-import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 from quickstart import _split, build_backbone, build_tasks
 
+from hyperlora import HyperLoraConfig
 from hyperlora.checkpoint import atomic_write_json, atomic_write_text
 from hyperlora.data import TaskImages, image_spec, pooled_features
 from hyperlora.metrics import METRIC_KEYS, continual_metrics
+from hyperlora.model import default_target_modules
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 
-EPOCHS, BATCH, LR, HEAD_LR = 2, 32, 1e-3, 1e-2
+
+@dataclass(frozen=True)
+class Setup:
+    """What every method shares: a backbone factory (a fresh pretrained copy per call, with HyperLoRA's config and
+    the input size), the training budget and the device."""
+
+    backbone: Callable[[], tuple[nn.Module, HyperLoraConfig, int | None]]
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    head_lr: float = 1e-2
+    device: str = "cpu"
+
+    def build(self) -> tuple[nn.Module, HyperLoraConfig, object, int]:
+        """A fresh backbone on the device, its HyperLoRA config, image spec and pooled feature width."""
+        backbone, config, size = self.backbone()
+        spec = image_spec(backbone, size)
+        backbone = backbone.to(self.device).eval()
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, spec.size, spec.size, device=self.device)
+            width = pooled_features(backbone(probe)).shape[-1]
+        return backbone, config, spec, width
 
 
-def _loader(task, split: str, spec, shuffle: bool, seed: int):
+def _loader(task, split: str, spec, setup: Setup, shuffle: bool, seed: int):
     dataset = TaskImages(getattr(task, split), spec.transform(), task.classes)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=BATCH if shuffle else 128, shuffle=shuffle, generator=generator
-    )
+    batch_size = setup.batch_size if shuffle else 4 * setup.batch_size
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def _train_lora_task(model, head: nn.Linear, task, spec, seed: int, penalty=None) -> None:
+def _train_lora_task(model, head: nn.Linear, task, spec, setup: Setup, seed: int, penalty=None) -> None:
     """The same budget and optimiser as the HyperLoRA trainer: AdamW, cosine schedule, grad-norm clip 1."""
     params = [p for p in model.parameters() if p.requires_grad]
-    loader = _loader(task, "train", spec, shuffle=True, seed=seed)
-    _fit(model, [head], params, loader, lambda feats, labels, _: F.cross_entropy(head(feats), labels), penalty)
+    loader = _loader(task, "train", spec, setup, shuffle=True, seed=seed)
+
+    def loss_fn(features, labels, _task_ids):
+        return F.cross_entropy(head(features), labels)
+
+    _fit(model, [head], params, loader, loss_fn, setup, penalty)
 
 
-def _fit(model, heads, params, loader, loss_fn, penalty=None) -> None:
+def _fit(model, heads, params, loader, loss_fn, setup: Setup, penalty=None) -> None:
     head_params = [p for head in heads for p in head.parameters()]
     optimizer = torch.optim.AdamW(
-        [{"params": params, "lr": LR}, {"params": head_params, "lr": HEAD_LR}], weight_decay=0.0, fused=True
+        [{"params": params, "lr": setup.lr}, {"params": head_params, "lr": setup.head_lr}], weight_decay=0.0, fused=True
     )
-    total = EPOCHS * len(loader)
+    total = setup.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     _train_mode(model)
-    for _ in range(EPOCHS):
-        for pixel_values, labels, *task_ids in loader:
+    for _ in range(setup.epochs):
+        for batch in loader:
+            pixel_values, labels, *task_ids = (t.to(setup.device) for t in batch)
             loss = loss_fn(pooled_features(model(pixel_values)), labels, task_ids[0] if task_ids else None)
             if penalty is not None:
                 loss = loss + penalty()
@@ -108,11 +142,12 @@ class OnlineEWC:
         terms = [(f * (p - a) ** 2).sum() for f, p, a in zip(self.fisher, self.params, self.anchors, strict=True)]
         return 0.5 * self.strength * torch.stack(terms).sum()
 
-    def consolidate(self, model, head: nn.Linear, task, spec) -> None:
-        loader = _loader(task, "train", spec, shuffle=False, seed=0)
+    def consolidate(self, model, head: nn.Linear, task, spec, setup: Setup) -> None:
+        loader = _loader(task, "train", spec, setup, shuffle=False, seed=0)
         model.eval()
         for pixel_values, labels in loader:
             model.zero_grad()
+            pixel_values, labels = pixel_values.to(setup.device), labels.to(setup.device)
             F.cross_entropy(head(pooled_features(model(pixel_values))), labels).backward()
             for f, p in zip(self.fisher, self.params, strict=True):
                 f += p.grad.detach() ** 2 / len(loader)
@@ -128,57 +163,57 @@ def _train_mode(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _accuracy(model, head, task, spec) -> float:
+def _accuracy(model, head, task, spec, setup: Setup) -> float:
     hits = n = 0
-    for pixel_values, labels in _loader(task, "test", spec, shuffle=False, seed=0):
-        hits += (head(pooled_features(model(pixel_values))).argmax(-1) == labels).sum().item()
+    for pixel_values, labels in _loader(task, "test", spec, setup, shuffle=False, seed=0):
+        logits = head(pooled_features(model(pixel_values.to(setup.device))))
+        hits += (logits.argmax(-1).cpu() == labels).sum().item()
         n += labels.numel()
     return hits / n
 
 
-TARGETS = r"net\._blocks\.1[0-5]\._(expand|project)_conv|net\._conv_head"  # as recipes/quickstart.py
-
-
-def _lora(backbone: nn.Module):
-    """PEFT LoRA on the same 1x1 convs. PEFT rebuilds a target's class for lora_A/B, which EfficientNet's
-    Conv2dStaticSamePadding cannot (it needs an image size), so those convs become plain nn.Conv2d with the same
-    weights first: exact for a 1x1 kernel, whose "same" padding is zero."""
+def _lora(backbone: nn.Module, config: HyperLoraConfig, device: str):
+    """PEFT LoRA with HyperLoRA's rank, alpha and target modules. PEFT rebuilds a target's class for lora_A/B,
+    which a padding-aware conv subclass (EfficientNet's Conv2dStaticSamePadding) cannot, so 1x1 targets become
+    plain nn.Conv2d with the same weights first: exact for a 1x1 kernel, whose "same" padding is zero."""
+    targets = config.target_modules or default_target_modules(backbone)
+    lora_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=targets)
     for name, module in list(backbone.named_modules()):
-        if re.fullmatch(TARGETS, name) and type(module) is not nn.Conv2d:
+        conv_subclass = isinstance(module, nn.Conv2d) and type(module) is not nn.Conv2d
+        if conv_subclass and module.kernel_size == (1, 1) and check_target_module_exists(lora_config, name):
             plain = nn.Conv2d(
                 module.in_channels, module.out_channels, 1, stride=module.stride, bias=module.bias is not None
             )
             plain.load_state_dict(module.state_dict())
             parent, _, child = name.rpartition(".")
-            setattr(backbone.get_submodule(parent), child, plain)
-    return get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+            setattr(backbone.get_submodule(parent), child, plain.to(device))
+    return get_peft_model(backbone, lora_config)
 
 
-def run_lora(tasks, seed: int, mode: str, ewc_strength: float = 0.0) -> dict:
+def run_lora(tasks, seed: int, mode: str, setup: Setup, ewc_strength: float = 0.0) -> dict:
     """Accuracy matrix of per-task, sequential or EWC LoRA; per-task adapters never change once trained."""
     num_tasks = len(tasks)
     R = np.full((num_tasks, num_tasks), np.nan)
     heads, adapters, times = [], [], []
     torch.manual_seed(seed)
-    backbone, _, size = build_backbone("efficientnet")
-    spec = image_spec(backbone, size)
-    model = None if mode == "per_task" else _lora(backbone)
+    backbone, config, spec, width = setup.build()
+    model = None if mode == "per_task" else _lora(backbone, config, setup.device)
     ewc = OnlineEWC([p for p in model.parameters() if p.requires_grad], ewc_strength) if mode == "ewc" else None
     for t, task in enumerate(tasks):
         torch.manual_seed(seed + t)
         start = time.perf_counter()
         if mode == "per_task":
-            model = _lora(build_backbone("efficientnet")[0])
+            model = _lora(setup.build()[0], config, setup.device)
             adapters.append(model)
-        head = nn.Linear(1280, task.num_classes)
-        _train_lora_task(model, head, task, spec, seed + t, penalty=ewc.penalty if ewc else None)
+        head = nn.Linear(width, task.num_classes).to(setup.device)
+        _train_lora_task(model, head, task, spec, setup, seed + t, penalty=ewc.penalty if ewc else None)
         if ewc is not None:
-            ewc.consolidate(model, head, task, spec)
+            ewc.consolidate(model, head, task, spec, setup)
         head.requires_grad_(False)
         heads.append(head)
         times.append(time.perf_counter() - start)
         for j in range(t + 1):
-            R[t, j] = _accuracy(adapters[j] if mode == "per_task" else model, heads[j], tasks[j], spec)
+            R[t, j] = _accuracy(adapters[j] if mode == "per_task" else model, heads[j], tasks[j], spec, setup)
     lora_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
     return {
         "accuracy_matrix": R,
@@ -201,19 +236,18 @@ class _Tagged(torch.utils.data.Dataset):
         return (*self.images[i], self.task_id)
 
 
-def run_joint(tasks, seed: int) -> dict:
+def run_joint(tasks, seed: int, setup: Setup) -> dict:
     """One LoRA adapter and a head per task, trained on every task's data at once for the same number of epochs:
     the upper bound a continual learner approaches. Only the final row of the accuracy matrix exists."""
     torch.manual_seed(seed)
-    backbone, _, size = build_backbone("efficientnet")
-    spec = image_spec(backbone, size)
-    model = _lora(backbone)
-    heads = nn.ModuleList(nn.Linear(1280, task.num_classes) for task in tasks)
+    backbone, config, spec, width = setup.build()
+    model = _lora(backbone, config, setup.device)
+    heads = nn.ModuleList(nn.Linear(width, task.num_classes) for task in tasks).to(setup.device)
     union = torch.utils.data.ConcatDataset(
         [_Tagged(TaskImages(task.train, spec.transform(), task.classes), t) for t, task in enumerate(tasks)]
     )
     loader = torch.utils.data.DataLoader(
-        union, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        union, batch_size=setup.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
 
     def loss_fn(features, labels, task_ids):
@@ -224,9 +258,9 @@ def run_joint(tasks, seed: int) -> dict:
         return torch.stack(losses).sum() / labels.numel()
 
     start = time.perf_counter()
-    _fit(model, list(heads), [p for p in model.parameters() if p.requires_grad], loader, loss_fn)
+    _fit(model, list(heads), [p for p in model.parameters() if p.requires_grad], loader, loss_fn, setup)
     R = np.full((len(tasks), len(tasks)), np.nan)
-    R[-1] = [_accuracy(model, heads[j], tasks[j], spec) for j in range(len(tasks))]
+    R[-1] = [_accuracy(model, heads[j], tasks[j], spec, setup) for j in range(len(tasks))]
     lora_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
     return {
         "accuracy_matrix": R,
@@ -245,16 +279,17 @@ ABLATIONS = {
 }
 
 
-def run_hyperlora(tasks, seed: int, output_dir: Path, overrides: dict) -> dict:
+def run_hyperlora(tasks, seed: int, output_dir: Path, overrides: dict, setup: Setup) -> dict:
     torch.manual_seed(seed)
-    backbone, config, size = build_backbone("efficientnet")
+    backbone, config, size = setup.backbone()
     config = dataclasses.replace(config, **overrides)
     args = ContinualTrainingArguments(
         output_dir=str(output_dir),
-        num_epochs=EPOCHS,
-        batch_size=BATCH,
-        learning_rate=LR,
-        head_learning_rate=HEAD_LR,
+        num_epochs=setup.epochs,
+        batch_size=setup.batch_size,
+        eval_batch_size=4 * setup.batch_size,
+        learning_rate=setup.lr,
+        head_learning_rate=setup.head_lr,
         seed=seed,
         image_size=size,
         plots=False,
@@ -272,7 +307,43 @@ def hypernet_bytes(model) -> int:
     return 4 * sum(p.numel() for n, p in hypernet.named_parameters() if not n.startswith("task_embeddings"))
 
 
-def build_benchmark(name: str, seed: int) -> list:
+def build_benchmark(cli: argparse.Namespace, seed: int) -> tuple[list, Setup]:
+    """The task sequence and what the methods share: ``seed`` draws the offline benchmarks' images; ImageNet-R's
+    split and class order are the recipe's (fixed seeds), as in the published protocol."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where accelerate puts the HyperLoRA trainer too
+    if cli.benchmark == "imagenet_r":
+        setup = Setup(lambda: (imagenet_r_backbone(cli), HyperLoraConfig(), None), **budget_of(cli), device=device)
+        return imagenet_r_tasks(cli), setup
+    return offline_tasks(cli.benchmark, seed), Setup(
+        lambda: build_backbone("efficientnet"), **budget_of(cli), device=device
+    )
+
+
+def budget_of(cli: argparse.Namespace) -> dict:
+    return {key: getattr(cli, key) for key in ("epochs", "batch_size", "lr", "head_lr")}
+
+
+def imagenet_r_tasks(cli: argparse.Namespace) -> list:
+    from common import DataArguments, load_tasks
+    from imagenet_r import DEFAULTS
+
+    data_fields = {f.name for f in dataclasses.fields(DataArguments)}
+    data = DataArguments(
+        **{key: value for key, value in DEFAULTS.items() if key in data_fields}
+        | {"num_tasks": cli.num_tasks, "max_train_per_class": cli.max_train_per_class}
+        | ({"dataset": cli.data_path} if cli.data_path else {})
+        | {"cache_dir": cli.cache_dir}
+    )
+    return load_tasks(data)[0]
+
+
+def imagenet_r_backbone(cli: argparse.Namespace) -> nn.Module:
+    from common import ModelArguments
+
+    return ModelArguments(model_name=cli.model, pretrained=cli.pretrained, model_kwargs=cli.model_kwargs).create_model()
+
+
+def offline_tasks(name: str, seed: int) -> list:
     if name == "quickstart":
         return build_tasks(seed)
     if name == "long":  # five MNIST pairs, then five pairs of sklearn digits: ten two-class tasks, two domains
@@ -335,14 +406,14 @@ COLUMNS = [
 ]
 
 
-def write_report(out: Path, benchmark: str, runs: dict[str, list[dict]]) -> str:
+def write_report(out: Path, benchmark: str, runs: dict[str, list[dict]], budget: dict) -> str:
     """Rewrite accuracy.json, .md and .png from the runs so far: a cut-off sweep keeps what it measured."""
     machine = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     summary = {
         "benchmark": benchmark,
-        "budget": {"epochs": EPOCHS, "batch_size": BATCH, "lr": LR, "head_lr": HEAD_LR},
+        "budget": budget,
         "machine": machine,
         "date": datetime.date.today().isoformat(),
         "runs": runs,
@@ -402,14 +473,14 @@ def _plot(path: Path, benchmark: str, runs: dict[str, list[dict]]) -> None:
     Path(tmp.name).replace(path)
 
 
-def run_method(method: str, tasks, seed: int, ewc_strength: float) -> dict:
+def run_method(method: str, tasks, seed: int, setup: Setup, ewc_strength: float) -> dict:
     if method in ABLATIONS:
         with tempfile.TemporaryDirectory(prefix=f"{method}-seed{seed}-") as tmp:
-            return run_hyperlora(tasks, seed, Path(tmp), ABLATIONS[method])
+            return run_hyperlora(tasks, seed, Path(tmp), ABLATIONS[method], setup)
     if method in ("lora_per_task", "lora_sequential", "lora_ewc"):
-        return run_lora(tasks, seed, mode=method.removeprefix("lora_"), ewc_strength=ewc_strength)
+        return run_lora(tasks, seed, method.removeprefix("lora_"), setup, ewc_strength=ewc_strength)
     if method == "joint":
-        return run_joint(tasks, seed)
+        return run_joint(tasks, seed, setup)
     raise SystemExit(f"unknown method {method!r}")
 
 
@@ -418,10 +489,23 @@ METHODS = [*ABLATIONS, "lora_per_task", "lora_sequential", "lora_ewc", "joint"]
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", choices=["quickstart", "long"], default="quickstart")
+    parser.add_argument("--benchmark", "--dataset", choices=["quickstart", "long", "imagenet_r"], default="quickstart")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ewc_strength", type=float, default=1e4)
+    budget = parser.add_argument_group("the budget every method gets")
+    budget.add_argument("--epochs", type=int, default=2, help="epochs per task")
+    budget.add_argument("--batch_size", type=int, default=32)
+    budget.add_argument("--lr", type=float, default=1e-3, help="adapter / hypernetwork learning rate")
+    budget.add_argument("--head_lr", type=float, default=1e-2)
+    imagenet_r = parser.add_argument_group("--dataset imagenet_r (recipes/imagenet_r.py's protocol)")
+    imagenet_r.add_argument("--data_path", default=None, help="a Hub dataset id or a local image folder")
+    imagenet_r.add_argument("--cache_dir", default=None, help="where datasets caches (default: HF_HOME)")
+    imagenet_r.add_argument("--num_tasks", type=int, default=10)
+    imagenet_r.add_argument("--max_train_per_class", type=int, default=None)
+    imagenet_r.add_argument("--model", default="vit_base_patch16_224.augreg_in21k", help="a timm model name")
+    imagenet_r.add_argument("--no_pretrained", dest="pretrained", action="store_false")
+    imagenet_r.add_argument("--model_kwargs", default=None, help="extra timm.create_model arguments as JSON")
     parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/accuracy/<benchmark>")
     parser.add_argument("--append", action="store_true", help="add to the runs already in accuracy.json")
     parser.add_argument(
@@ -432,6 +516,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     runs: dict[str, list[dict]] = {}
+    budget = budget_of(cli)
     sources = list(cli.merge or []) + (
         [out / "accuracy.json"] if cli.append and (out / "accuracy.json").exists() else []
     )
@@ -439,28 +524,31 @@ def main(argv=None) -> None:
         previous = json.loads(source.read_text())
         if previous["benchmark"] != cli.benchmark:
             raise SystemExit(f"{source} holds {previous['benchmark']!r}, not {cli.benchmark!r}")
+        if previous["budget"] != budget:
+            raise SystemExit(f"{source} was run with the budget {previous['budget']}, not {budget}")
         for method, results in previous["runs"].items():
             seeds = {r["seed"] for r in results}
             runs[method] = [r for r in runs.get(method, []) if r["seed"] not in seeds] + results
     if cli.merge:
-        print(write_report(out, cli.benchmark, {m: sorted(r, key=lambda x: x["seed"]) for m, r in runs.items()}))
+        runs = {m: sorted(r, key=lambda x: x["seed"]) for m, r in runs.items()}
+        print(write_report(out, cli.benchmark, runs, budget))
         return
     for seed in cli.seeds:
-        tasks = build_benchmark(cli.benchmark, seed)
+        tasks, setup = build_benchmark(cli, seed)
         for method in cli.methods:
             start = time.perf_counter()
-            metrics = method_metrics(method, run_method(method, tasks, seed, cli.ewc_strength))
+            metrics = method_metrics(method, run_method(method, tasks, seed, setup, cli.ewc_strength))
             metrics.update(seed=seed, wall_s=time.perf_counter() - start)
             if method == "lora_ewc":
                 metrics["ewc_strength"] = cli.ewc_strength
             runs[method] = [r for r in runs.get(method, []) if r["seed"] != seed] + [metrics]
-            write_report(out, cli.benchmark, runs)
+            write_report(out, cli.benchmark, runs, budget)
             print(
                 f"{method:16s} seed {seed}: FAA {100 * metrics['faa']:.2f}  forgetting "
                 f"{100 * (metrics['forgetting'] or 0):.2f}  ({metrics['wall_s']:.0f} s)",
                 flush=True,
             )
-    print(write_report(out, cli.benchmark, runs))
+    print(write_report(out, cli.benchmark, runs, budget))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from peft import PeftConfig
 
 from hyperlora import HyperLoraConfig
 from hyperlora.checkpoint import atomic_write_json, atomic_write_text
+from hyperlora.data import Task
 from hyperlora.metrics import METRIC_KEYS, summarise_runs
 from hyperlora.trainer import ContinualTrainingArguments
 
@@ -138,36 +139,18 @@ def arguments_dict(*groups) -> dict[str, dict[str, Any]]:
     }
 
 
-def run(defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
-    """Run a recipe: every seed in turn (each resumable), then the mean/std summary. Returns the summary."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
+def load_tasks(data: DataArguments) -> tuple[list[Task], dict[str, Any]]:
+    """The protocol's task sequence, and what reproduces it (split, class order, task sizes) for protocol.json."""
     from hyperlora.protocol import class_names, class_order, load_image_dataset, split_into_tasks, train_test_split
-    from hyperlora.trainer import ContinualTrainer
 
-    data, model_args, config, training = parse_arguments(defaults, argv)
-    # as AcceleratorState does: without cpu=True, `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` would run
-    # independent copies instead of one job over gloo
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    output_dir = Path(training.output_dir)
-    everything = arguments_dict(data, model_args, config, training)
-    if state.is_main_process:
-        print(yaml.safe_dump(everything, sort_keys=False), flush=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        flat = {key: value for group in everything.values() for key, value in group.items()}
-        atomic_write_text(output_dir / "arguments.yaml", yaml.safe_dump(flat, sort_keys=False))
-
-    with state.main_process_first():  # one process fills the datasets cache, the others read it
-        splits = load_image_dataset(
-            data.dataset,
-            name=data.dataset_config,
-            revision=data.dataset_revision,
-            image_column=data.image_column,
-            label_column=data.label_column,
-            cache_dir=data.cache_dir,
-        )
+    splits = load_image_dataset(
+        data.dataset,
+        name=data.dataset_config,
+        revision=data.dataset_revision,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        cache_dir=data.cache_dir,
+    )
     train, test, split = train_test_split(
         splits, data.train_split, data.test_split, data.test_fraction, data.split_seed
     )
@@ -188,6 +171,31 @@ def run(defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, An
         ],
         "split": split,
     }
+    return tasks, protocol
+
+
+def run(defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
+    """Run a recipe: every seed in turn (each resumable), then the mean/std summary. Returns the summary."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from hyperlora.trainer import ContinualTrainer
+
+    data, model_args, config, training = parse_arguments(defaults, argv)
+    # as AcceleratorState does: without cpu=True, `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` would run
+    # independent copies instead of one job over gloo
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    output_dir = Path(training.output_dir)
+    everything = arguments_dict(data, model_args, config, training)
+    if state.is_main_process:
+        print(yaml.safe_dump(everything, sort_keys=False), flush=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        flat = {key: value for group in everything.values() for key, value in group.items()}
+        atomic_write_text(output_dir / "arguments.yaml", yaml.safe_dump(flat, sort_keys=False))
+
+    with state.main_process_first():  # one process fills the datasets cache, the others read it
+        tasks, protocol = load_tasks(data)
     if state.is_main_process:
         atomic_write_json(output_dir / "protocol.json", protocol)
 

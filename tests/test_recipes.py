@@ -220,3 +220,57 @@ def test_resume_reads_finished_seeds_back_and_trains_the_missing_one(split_folde
     assert read(out / "seed-0" / "metrics.json")["accuracy_matrix"] == first["accuracy_matrix"]
     assert (out / "seed-0" / "final" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert (out / "seed-1" / "metrics.json").exists() and summary["seeds"] == [0, 1]
+
+
+def test_accuracy_benchmark_runs_every_method_on_the_imagenet_r_protocol(flat_folder, tmp_path):
+    """benchmarks/accuracy.py --dataset imagenet_r: the recipe's data path and split, every method, one report."""
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
+    import accuracy
+
+    out = tmp_path / "accuracy"
+    model_kwargs = '{"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}'
+    argv = ["--dataset", "imagenet_r", "--data_path", str(flat_folder), "--cache_dir", str(tmp_path / "cache"),
+            "--num_tasks", "2", "--seeds", "0", "--epochs", "1", "--batch_size", "8",
+            "--model", "vit_tiny_patch16_224", "--no_pretrained", "--model_kwargs", model_kwargs,
+            "--output_dir", str(out)]  # fmt: skip
+    accuracy.main(argv)
+
+    report = read(out / "accuracy.json")
+    assert report["benchmark"] == "imagenet_r"
+    assert report["budget"] == {"epochs": 1, "batch_size": 8, "lr": 1e-3, "head_lr": 1e-2}
+    assert set(report["runs"]) == set(accuracy.METHODS)
+    for method, (run,) in report["runs"].items():
+        matrix = np.array(run["accuracy_matrix"], dtype=float)
+        assert matrix.shape == (2, 2), method
+        # each accuracy is a count of the 4 held-out images of a task's 2 classes
+        finite = matrix[~np.isnan(matrix)]
+        assert np.allclose(finite * 4, np.round(finite * 4)), method
+    assert report["runs"]["hyperlora"][0]["bytes_per_task"] == 32 * 4  # the default 32-d task embedding
+    assert report["runs"]["lora_per_task"][0]["bytes_per_task"] > 0
+    assert (out / "accuracy.png").stat().st_size > 0
+
+    # runs made apart combine only under the same budget
+    with pytest.raises(SystemExit, match="budget"):
+        accuracy.main(["--dataset", "imagenet_r", "--merge", str(out / "accuracy.json"), "--epochs", "3",
+                       "--output_dir", str(tmp_path / "merged")])  # fmt: skip
+
+
+def test_lora_baselines_adapt_the_same_modules_as_hyperlora():
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
+    import accuracy
+    import timm
+    from peft import get_peft_model
+
+    from hyperlora import HyperLoraConfig
+    from hyperlora.layer import HyperLoraLayer
+
+    def vit():
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, depth=2)
+
+    config = HyperLoraConfig(r=4, lora_alpha=8)
+    hyper = get_peft_model(vit(), config)
+    lora = accuracy._lora(vit(), config, "cpu")
+    hyper_names = {name for name, m in hyper.base_model.model.named_modules() if isinstance(m, HyperLoraLayer)}
+    lora_names = {name for name, m in lora.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    assert hyper_names == lora_names and len(hyper_names) == 8
+    assert lora.peft_config["default"].r == 4 and lora.peft_config["default"].lora_alpha == 8
