@@ -406,11 +406,12 @@ COLUMNS = [
 ]
 
 
-def write_report(out: Path, benchmark: str, runs: dict[str, list[dict]], budget: dict) -> str:
+def this_machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_report(out: Path, benchmark: str, runs: dict[str, list[dict]], budget: dict, machine: str) -> str:
     """Rewrite accuracy.json, .md and .png from the runs so far: a cut-off sweep keeps what it measured."""
-    machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
     summary = {
         "benchmark": benchmark,
         "budget": budget,
@@ -461,7 +462,9 @@ def _plot(path: Path, benchmark: str, runs: dict[str, list[dict]]) -> None:
             values = [r[key] for r in runs[m] if r[key] is not None]
             means.append(100 * np.mean(values) if values else np.nan)
             stds.append(100 * np.std(values, ddof=1) if len(values) > 1 else 0.0)
-        ax.barh(methods, means, xerr=stds, color=["C0" if "lora" not in m and m != "joint" else "C7" for m in methods])
+        ax.barh(
+            methods, means, xerr=stds, color=["C7" if m.startswith("lora_") or m == "joint" else "C0" for m in methods]
+        )
         ax.set_xlabel(title)
         ax.invert_yaxis()
     axes[0].set_xlim(left=max(0.0, np.nanmin([100 * np.mean([r["faa"] for r in runs[m]]) for m in methods]) - 10))
@@ -517,6 +520,7 @@ def main(argv=None) -> None:
 
     runs: dict[str, list[dict]] = {}
     budget = budget_of(cli)
+    machines = [] if cli.merge else [this_machine()]
     sources = list(cli.merge or []) + (
         [out / "accuracy.json"] if cli.append and (out / "accuracy.json").exists() else []
     )
@@ -526,12 +530,13 @@ def main(argv=None) -> None:
             raise SystemExit(f"{source} holds {previous['benchmark']!r}, not {cli.benchmark!r}")
         if previous["budget"] != budget:
             raise SystemExit(f"{source} was run with the budget {previous['budget']}, not {budget}")
+        machines += [m for m in previous["machine"].split("; ") if m not in machines]
         for method, results in previous["runs"].items():
             seeds = {r["seed"] for r in results}
             runs[method] = [r for r in runs.get(method, []) if r["seed"] not in seeds] + results
     if cli.merge:
         runs = {m: sorted(r, key=lambda x: x["seed"]) for m, r in runs.items()}
-        print(write_report(out, cli.benchmark, runs, budget))
+        print(write_report(out, cli.benchmark, runs, budget, "; ".join(machines)))
         return
     for seed in cli.seeds:
         tasks, setup = build_benchmark(cli, seed)
@@ -542,13 +547,13 @@ def main(argv=None) -> None:
             if method == "lora_ewc":
                 metrics["ewc_strength"] = cli.ewc_strength
             runs[method] = [r for r in runs.get(method, []) if r["seed"] != seed] + [metrics]
-            write_report(out, cli.benchmark, runs, budget)
+            write_report(out, cli.benchmark, runs, budget, "; ".join(machines))
             print(
                 f"{method:16s} seed {seed}: FAA {100 * metrics['faa']:.2f}  forgetting "
                 f"{100 * (metrics['forgetting'] or 0):.2f}  ({metrics['wall_s']:.0f} s)",
                 flush=True,
             )
-    print(write_report(out, cli.benchmark, runs, budget))
+    print(write_report(out, cli.benchmark, runs, budget, "; ".join(machines)))
 
 
 if __name__ == "__main__":
