@@ -285,9 +285,9 @@ def run_hyperlora(tasks, seed: int, output_dir: Path, overrides: dict, setup: Se
     config = dataclasses.replace(config, **overrides)
     args = ContinualTrainingArguments(
         output_dir=str(output_dir),
-        num_epochs=setup.epochs,
-        batch_size=setup.batch_size,
-        eval_batch_size=4 * setup.batch_size,
+        num_train_epochs=setup.epochs,
+        per_device_train_batch_size=setup.batch_size,
+        per_device_eval_batch_size=4 * setup.batch_size,
         learning_rate=setup.lr,
         head_learning_rate=setup.head_lr,
         seed=seed,
@@ -331,7 +331,7 @@ def imagenet_r_tasks(cli: argparse.Namespace) -> list:
     data = DataArguments(
         **{key: value for key, value in DEFAULTS.items() if key in data_fields}
         | {"num_tasks": cli.num_tasks, "max_train_per_class": cli.max_train_per_class}
-        | ({"dataset": cli.data_path} if cli.data_path else {})
+        | ({"dataset_name": cli.data_path} if cli.data_path else {})
         | {"cache_dir": cli.cache_dir}
     )
     return load_tasks(data)[0]
@@ -340,7 +340,9 @@ def imagenet_r_tasks(cli: argparse.Namespace) -> list:
 def imagenet_r_backbone(cli: argparse.Namespace) -> nn.Module:
     from common import ModelArguments
 
-    return ModelArguments(model_name=cli.model, pretrained=cli.pretrained, model_kwargs=cli.model_kwargs).create_model()
+    return ModelArguments(
+        model_name_or_path=cli.model, pretrained=cli.pretrained, model_kwargs=cli.model_kwargs
+    ).create_model()
 
 
 def offline_tasks(name: str, seed: int) -> list:

@@ -139,7 +139,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     backbone, config, size = build_backbone("efficientnet")
     with tempfile.TemporaryDirectory(prefix="relations-") as tmp:
         train_args = ContinualTrainingArguments(
-            output_dir=tmp, num_epochs=args.epochs, seed=seed, image_size=size, plots=False
+            output_dir=tmp, num_train_epochs=args.epochs, seed=seed, image_size=size, plots=False
         )
         trainer = ContinualTrainer(backbone, config, train_args)
         trainer.fit(old)

@@ -44,10 +44,10 @@ class ContinualTrainingArguments:
     """How to train each task; the method's own switches live in HyperLoraConfig."""
 
     output_dir: str = "outputs"
-    num_epochs: int = 2
+    num_train_epochs: int = 2
     max_steps_per_task: int | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 128
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 128
     learning_rate: float = 1e-3
     head_learning_rate: float = 1e-2
     weight_decay: float = 0.0
@@ -57,8 +57,8 @@ class ContinualTrainingArguments:
     seed: int = 0
     image_size: int | None = None
     augment: bool = False
-    num_workers: int = 0
-    resume: bool = False
+    dataloader_num_workers: int = 0
+    resume_from_checkpoint: bool = False
     report_to: str | None = None
     logging_steps: int = 20
     plots: bool = True
@@ -66,7 +66,12 @@ class ContinualTrainingArguments:
     def __post_init__(self) -> None:
         if self.report_to in ("", "none"):  # the command-line spelling of "no trackers"
             self.report_to = None
-        for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
+        for name in (
+            "num_train_epochs",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps_per_task is not None and self.max_steps_per_task < 1:
@@ -146,7 +151,7 @@ class ContinualTrainer:
         num_tasks = len(tasks)
         self.offsets = np.cumsum([0] + [task.num_classes for task in tasks]).tolist()
         state = self._fresh_state(tasks)
-        if self.args.resume:
+        if self.args.resume_from_checkpoint:
             state = self._restore(tasks, state)
         if self.args.report_to and state["completed"] == 0:
             self.accelerator.init_trackers("hyperlora", config={**asdict(self.args), **self.config.to_dict()})
@@ -250,7 +255,7 @@ class ContinualTrainer:
         optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=fused)
         loader = self._loader(task, "train", augment=args.augment, shuffle=True, shard=False, seed=args.seed + t)
         steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-        total = steps_per_epoch * args.num_epochs
+        total = steps_per_epoch * args.num_train_epochs
         if args.max_steps_per_task is not None:
             total = min(total, args.max_steps_per_task)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -389,12 +394,16 @@ class ContinualTrainer:
 
     def _loader(self, task: Task, split: str, *, indices=None, augment=False, shuffle=False, shard=True, seed=0):
         dataset = TaskImages(getattr(task, split), self.spec.transform(augment), task.classes, indices)
-        batch_size = self.args.batch_size if split == "train" and shuffle else self.args.eval_batch_size
+        batch_size = (
+            self.args.per_device_train_batch_size
+            if split == "train" and shuffle
+            else self.args.per_device_eval_batch_size
+        )
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            num_workers=self.args.num_workers,
+            num_workers=self.args.dataloader_num_workers,
             generator=torch.Generator().manual_seed(seed) if shuffle else None,
         )
         if shard:

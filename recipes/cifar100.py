@@ -6,13 +6,13 @@ accelerate launch recipes/cifar100.py --output_dir outputs/cifar100
 from common import run
 
 DEFAULTS = {
-    "dataset": "uoft-cs/cifar100",
+    "dataset_name": "uoft-cs/cifar100",
     "image_column": "img",
     "label_column": "fine_label",
     "num_tasks": 10,
-    "num_epochs": 10,
-    "batch_size": 64,
-    "eval_batch_size": 256,
+    "num_train_epochs": 10,
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 256,
     "learning_rate": 1e-3,
     "augment": True,
     "report_to": "all",

@@ -31,7 +31,9 @@ WEIGHTS = {
 
 @dataclass
 class DataArguments:
-    dataset: str = field(metadata={"help": "A Hub dataset id, or a local image folder (one sub-folder per class)."})
+    dataset_name: str = field(
+        metadata={"help": "A Hub dataset id, or a local image folder (one sub-folder per class)."}
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration name."})
     dataset_revision: str | None = field(default=None, metadata={"help": "A Hub revision (commit) to pin."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where datasets caches (default: HF_HOME)."})
@@ -60,7 +62,7 @@ class ModelArguments:
     weights: Literal["in21k", "in21k_ft_in1k"] = field(
         default="in21k", metadata={"help": "ViT-B/16 pretrained on ImageNet-21k, or additionally fine-tuned on 1k."}
     )
-    model_name: str | None = field(
+    model_name_or_path: str | None = field(
         default=None, metadata={"help": "Any timm model name or hf-hub:<id>; overrides --weights."}
     )
     pretrained: bool = True
@@ -78,7 +80,7 @@ class ModelArguments:
         kwargs = json.loads(self.model_kwargs) if isinstance(self.model_kwargs, str) else dict(self.model_kwargs or {})
         if self.checkpoint_path is not None:
             kwargs["pretrained_cfg_overlay"] = {"file": self.checkpoint_path}
-        name = self.model_name or WEIGHTS[self.weights]
+        name = self.model_name_or_path or WEIGHTS[self.weights]
         return timm.create_model(name, pretrained=self.pretrained, num_classes=0, **kwargs)
 
 
@@ -144,7 +146,7 @@ def load_tasks(data: DataArguments) -> tuple[list[Task], dict[str, Any]]:
     from hyperlora.protocol import class_names, class_order, load_image_dataset, split_into_tasks, train_test_split
 
     splits = load_image_dataset(
-        data.dataset,
+        data.dataset_name,
         name=data.dataset_config,
         revision=data.dataset_revision,
         image_column=data.image_column,
@@ -159,7 +161,7 @@ def load_tasks(data: DataArguments) -> tuple[list[Task], dict[str, Any]]:
         train, test, data.num_tasks, order, max_train_per_class=data.max_train_per_class, seed=data.split_seed
     )
     protocol = {
-        "dataset": data.dataset,
+        "dataset": data.dataset_name,
         "dataset_config": data.dataset_config,
         "dataset_revision": data.dataset_revision,
         "class_order": order,
@@ -211,8 +213,8 @@ def run(defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, An
     summary = {"seeds": seeds, **summarise_runs(runs)}
     if state.is_main_process:
         atomic_write_json(output_dir / "summary.json", summary)
-        atomic_write_text(output_dir / "summary.md", summary_markdown(summary, data.dataset, len(tasks)))
-        print(summary_markdown(summary, data.dataset, len(tasks)))
+        atomic_write_text(output_dir / "summary.md", summary_markdown(summary, data.dataset_name, len(tasks)))
+        print(summary_markdown(summary, data.dataset_name, len(tasks)))
     state.wait_for_everyone()
     return summary
 

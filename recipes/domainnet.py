@@ -6,12 +6,12 @@ accelerate launch recipes/domainnet.py --output_dir outputs/domainnet
 from common import run
 
 DEFAULTS = {
-    "dataset": "wltjr1007/DomainNet",
+    "dataset_name": "wltjr1007/DomainNet",
     "label_column": "y",
     "num_tasks": 5,
-    "num_epochs": 5,
-    "batch_size": 64,
-    "eval_batch_size": 256,
+    "num_train_epochs": 5,
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 256,
     "learning_rate": 1e-3,
     "augment": True,
     "report_to": "all",

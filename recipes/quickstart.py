@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     backbone, config, image_size = build_backbone(cli.backbone)
     args = ContinualTrainingArguments(
         output_dir=cli.output_dir,
-        num_epochs=cli.num_epochs,
-        batch_size=32,
+        num_train_epochs=cli.num_epochs,
+        per_device_train_batch_size=32,
         learning_rate=cli.learning_rate,
         seed=cli.seed,
         image_size=image_size,
-        resume=cli.resume,
+        resume_from_checkpoint=cli.resume,
     )
     return ContinualTrainer(backbone, config, args).fit(build_tasks(cli.seed, cli.per_class))
 

@@ -112,7 +112,7 @@ def child_main(argv: list[str]) -> None:
     output_dir, point = argv[0], argv[1]
     torch.set_num_threads(1)  # as conftest.py does for the pytest process: same numerics as the reference
     _install_kill(point)
-    args = arguments(Path(output_dir), resume=argv[2:] == ["resume"])
+    args = arguments(Path(output_dir), resume_from_checkpoint=argv[2:] == ["resume"])
     ContinualTrainer(tiny_vit(), config(), args).fit(make_tasks())
 
 
@@ -267,7 +267,7 @@ def test_nan_loss_names_the_task_keeps_the_last_checkpoint_and_resume_recovers(t
     monkeypatch.setattr(
         ContinualTrainer, "_train_task", lambda self, t, *rest: trained.append(t) or real_train_task(self, t, *rest)
     )
-    ContinualTrainer(tiny_vit(), config(), arguments(tmp_path, resume=True)).fit(tasks)
+    ContinualTrainer(tiny_vit(), config(), arguments(tmp_path, resume_from_checkpoint=True)).fit(tasks)
     assert trained == [1, 2]
     _assert_close(_without_timings(json.loads((tmp_path / "metrics.json").read_text())), reference)
 

@@ -23,12 +23,13 @@ import domainnet  # noqa: E402
 import imagenet_r  # noqa: E402
 
 TINY = [
-    "--model_name", "vit_tiny_patch16_224",
+    "--model_name_or_path", "vit_tiny_patch16_224",
     "--no_pretrained",
     "--model_kwargs", '{"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}',
     "--r", "2", "--hypernet_hidden_dim", "16", "--task_embedding_dim", "8", "--module_embedding_dim", "8",
     "--h_embedding_steps", "20", "--h_score_samples", "32",
-    "--num_epochs", "1", "--max_steps_per_task", "2", "--batch_size", "8", "--eval_batch_size", "8",
+    "--num_train_epochs", "1", "--max_steps_per_task", "2", "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "8",
     "--report_to", "none", "--no_plots",
 ]  # fmt: skip
 
@@ -68,7 +69,7 @@ def read(path: Path):
 
 def test_imagenet_r_recipe_holds_out_a_seeded_fifth_and_averages_seeds(flat_folder, tmp_path):
     out = tmp_path / "run"
-    argv = ["--dataset", str(flat_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    argv = ["--dataset_name", str(flat_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
     summary = common.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "2"])
 
     protocol = read(out / "protocol.json")
@@ -94,7 +95,7 @@ def test_imagenet_r_recipe_holds_out_a_seeded_fifth_and_averages_seeds(flat_fold
 @pytest.mark.parametrize("recipe", [cifar100, domainnet], ids=["cifar100", "domainnet"])
 def test_recipe_uses_the_datasets_own_test_split(recipe, split_folder, tmp_path):
     out = tmp_path / "run"
-    argv = ["--dataset", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    argv = ["--dataset_name", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
     common.run(recipe.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1"])
     protocol = read(out / "protocol.json")
     assert protocol["split"] == {"train_split": "train", "test_split": "test"}
@@ -107,24 +108,24 @@ def test_config_file_is_overridden_by_the_command_line_and_recorded(split_folder
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"num_tasks": 2, "r": 3, "learning_rate": 0.5, "class_order": [3, 2, 1, 0]}))
     data, model, hyper, training = common.parse_arguments(
-        cifar100.DEFAULTS, ["--config", str(config), "--dataset", str(split_folder), "--learning_rate", "0.01"]
+        cifar100.DEFAULTS, ["--config", str(config), "--dataset_name", str(split_folder), "--learning_rate", "0.01"]
     )
     assert (data.num_tasks, hyper.r, training.learning_rate, data.class_order) == (2, 3, 0.01, [3, 2, 1, 0])
-    assert (data.image_column, training.num_epochs) == ("img", cifar100.DEFAULTS["num_epochs"])
+    assert (data.image_column, training.num_train_epochs) == ("img", cifar100.DEFAULTS["num_train_epochs"])
     assert model.create_model  # the default backbone is ViT-B/16 in21k, created only when a run starts
     assert common.WEIGHTS[model.weights] == "vit_base_patch16_224.augreg_in21k"
 
 
 def test_recorded_arguments_are_a_valid_config_file(split_folder, tmp_path):
     out = tmp_path / "run"
-    argv = ["--dataset", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    argv = ["--dataset_name", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
     common.run(
         cifar100.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1", "--class_order", "0", "1", "2", "3"]
     )
     recorded = yaml.safe_load((out / "arguments.yaml").read_text())
     assert recorded["class_order"] == [0, 1, 2, 3] and recorded["r"] == 2
     data, _, hyper, training = common.parse_arguments({}, ["--config", str(out / "arguments.yaml")])
-    assert (data.dataset, hyper.r, training.max_steps_per_task) == (str(split_folder), 2, 2)
+    assert (data.dataset_name, hyper.r, training.max_steps_per_task) == (str(split_folder), 2, 2)
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_two_cpu_processes_evaluate_every_test_sample_once_and_write_one_set_of_
     launch += ["--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
     launch += ["--main_process_port", str(_free_port())]
     dataset = request.getfixturevalue(folder)
-    argv = ["--dataset", str(dataset), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    argv = ["--dataset_name", str(dataset), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
     result = subprocess.run(
         [*launch, str(RECIPES / f"{recipe}.py"), *argv, *TINY, *extra, "--num_tasks", "2", "--num_seeds", "1"],
         env=env,
@@ -212,11 +213,19 @@ def test_two_cpu_processes_evaluate_every_test_sample_once_and_write_one_set_of_
 
 def test_resume_reads_finished_seeds_back_and_trains_the_missing_one(split_folder, tmp_path):
     out = tmp_path / "run"
-    argv = ["--dataset", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), *TINY]
+    argv = [
+        "--dataset_name",
+        str(split_folder),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(out),
+        *TINY,
+    ]
     common.run(cifar100.DEFAULTS, [*argv, "--num_tasks", "2", "--num_seeds", "1"])
     first = read(out / "seed-0" / "metrics.json")
     adapter = (out / "seed-0" / "final" / "adapter" / "adapter_model.safetensors").read_bytes()
-    summary = common.run(cifar100.DEFAULTS, [*argv, "--num_tasks", "2", "--num_seeds", "2", "--resume"])
+    summary = common.run(cifar100.DEFAULTS, [*argv, "--num_tasks", "2", "--num_seeds", "2", "--resume_from_checkpoint"])
     assert read(out / "seed-0" / "metrics.json")["accuracy_matrix"] == first["accuracy_matrix"]
     assert (out / "seed-0" / "final" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert (out / "seed-1" / "metrics.json").exists() and summary["seeds"] == [0, 1]

@@ -76,10 +76,10 @@ def config(**overrides) -> HyperLoraConfig:
 def arguments(tmp_path, **overrides) -> ContinualTrainingArguments:
     values = dict(
         output_dir=str(tmp_path),
-        num_epochs=1,
+        num_train_epochs=1,
         max_steps_per_task=3,
-        batch_size=8,
-        eval_batch_size=16,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
         seed=3,
         plots=False,
     )
@@ -129,7 +129,7 @@ def test_same_seed_same_results_and_resume_matches_uninterrupted(tmp_path, tasks
         run(tmp_path / "c", tasks)
     monkeypatch.undo()
     assert (tmp_path / "c" / "checkpoints" / "latest").read_text().strip() == "task-001"
-    resumed = run(tmp_path / "c", tasks, resume=True)
+    resumed = run(tmp_path / "c", tasks, resume_from_checkpoint=True)
     for key in ("accuracy_matrix", "h_scores", "faa", "forgetting"):
         assert resumed[key] == reference[key], key
     assert resumed["class_incremental"]["accuracy_matrix"] == reference["class_incremental"]["accuracy_matrix"]
@@ -138,9 +138,9 @@ def test_same_seed_same_results_and_resume_matches_uninterrupted(tmp_path, tasks
 def test_resume_refuses_other_tasks_or_config(tmp_path, tasks):
     run(tmp_path, tasks[:2])
     with pytest.raises(ValueError, match="different"):
-        ContinualTrainer(tiny_vit(), config(r=3), arguments(tmp_path, resume=True)).fit(tasks[:2])
+        ContinualTrainer(tiny_vit(), config(r=3), arguments(tmp_path, resume_from_checkpoint=True)).fit(tasks[:2])
     with pytest.raises(ValueError, match="tasks"):
-        run(tmp_path, [tasks[0], tasks[2]], resume=True)
+        run(tmp_path, [tasks[0], tasks[2]], resume_from_checkpoint=True)
 
 
 def test_old_tasks_are_not_forgotten_by_construction(tmp_path, tasks):
@@ -156,8 +156,8 @@ def test_bad_tasks_and_arguments_are_rejected(tmp_path, tasks):
         run(tmp_path, [tasks[0], tasks[0]])
     with pytest.raises(ValueError, match="at least one task"):
         run(tmp_path, [])
-    with pytest.raises(ValueError, match="batch_size"):
-        ContinualTrainingArguments(batch_size=0)
+    with pytest.raises(ValueError, match="per_device_train_batch_size"):
+        ContinualTrainingArguments(per_device_train_batch_size=0)
     empty = Dataset.from_dict(
         {"image": [], "label": []}, features=Features({"image": Image(), "label": Value("int64")})
     )
