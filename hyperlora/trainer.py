@@ -133,7 +133,9 @@ class ContinualTrainer:
             log_with=self.args.report_to,
             project_dir=self.args.output_dir,
         )
-        self.model.to(self.accelerator.device)
+        # Eval mode except inside _train_task: the backbone is frozen, and a forward in train mode would still
+        # update its BatchNorm statistics (a model is usually passed in as built, in train mode).
+        self.model.to(self.accelerator.device).eval()
         self.spec = image_spec(self.model, self.args.image_size)
         self.output_dir = Path(self.args.output_dir)
         self.heads = nn.ModuleList()

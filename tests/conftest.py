@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import pytest
 import torch
@@ -35,6 +36,46 @@ class SmallCNN(nn.Module):
         x = torch.relu(self.pw2(x))
         x = self.pw3(x)
         return self.head(x.mean(dim=(-2, -1)))
+
+
+# The 1x1 convolutions of BatchNormCNN.
+BN_CNN_TARGETS = ["pw1", "pw2"]
+
+
+class BatchNormCNN(nn.Module):
+    """A feature extractor with BatchNorm, like EfficientNet: a 3x3 conv-BN stem, then 1x1 conv-BN blocks; returns
+    pooled (batch, 16) features. A forward in train mode changes its running statistics."""
+
+    # what hyperlora.data.image_spec reads: 16 px inputs
+    pretrained_cfg: ClassVar[dict] = {"input_size": (3, 16, 16)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, kernel_size=3, stride=2, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.pw1 = nn.Conv2d(8, 16, kernel_size=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.pw2 = nn.Conv2d(16, 16, kernel_size=1)
+        self.bn2 = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn1(self.pw1(x)))
+        x = self.bn2(self.pw2(x))
+        return x.mean(dim=(-2, -1))
+
+
+def build_bn_cnn(seed: int = 0) -> nn.Module:
+    """A fresh BatchNormCNN in train mode, as a user builds it; its BN statistics are set away from the 0/1 defaults
+    (as pretrained ones are), so that any update to them shows."""
+    torch.manual_seed(seed)
+    model = BatchNormCNN()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model
 
 
 def build_timm_vit(seed: int = 0, **kwargs) -> nn.Module:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import BN_CNN_TARGETS, build_bn_cnn
 from test_trainer import arguments, config, make_task, tiny_vit
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -39,6 +40,14 @@ INCOMPLETE = re.compile(r"^\..+\.tmp$")
 
 def make_tasks() -> list[Task]:
     return [make_task(f"t{i}", [2 * i, 2 * i + 1], seed=i) for i in range(3)]
+
+
+def make_trainer(backbone: str, output_dir: Path, **overrides) -> ContinualTrainer:
+    """The run every test here repeats: a tiny timm ViT, or a CNN with BatchNorm passed in train mode (whose running
+    statistics a resumed run would not reproduce if anything updated them)."""
+    if backbone == "vit":
+        return ContinualTrainer(tiny_vit(), config(), arguments(output_dir, **overrides))
+    return ContinualTrainer(build_bn_cnn(), config(target_modules=BN_CNN_TARGETS), arguments(output_dir, **overrides))
 
 
 # --- the child process -----------------------------------------------------------------------------------------------
@@ -108,12 +117,11 @@ def _install_kill(point: str) -> None:
 
 
 def child_main(argv: list[str]) -> None:
-    """``child.py OUTPUT_DIR POINT [resume]``: the same run as the ``reference`` fixture, killed at POINT."""
-    output_dir, point = argv[0], argv[1]
+    """``child.py BACKBONE OUTPUT_DIR POINT [resume]``: the same run as the ``reference`` fixture, killed at POINT."""
+    backbone, output_dir, point = argv[:3]
     torch.set_num_threads(1)  # as conftest.py does for the pytest process: same numerics as the reference
     _install_kill(point)
-    args = arguments(Path(output_dir), resume_from_checkpoint=argv[2:] == ["resume"])
-    ContinualTrainer(tiny_vit(), config(), args).fit(make_tasks())
+    make_trainer(backbone, Path(output_dir), resume_from_checkpoint=argv[3:] == ["resume"]).fit(make_tasks())
 
 
 CHILD = f"""\
@@ -127,8 +135,10 @@ child_main(sys.argv[1:])
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
-def _run_child(script: Path, output_dir: Path, point: str, resume: bool = False) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(script), str(output_dir), point] + (["resume"] if resume else [])
+def _run_child(
+    script: Path, backbone: str, output_dir: Path, point: str, resume: bool = False
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(script), backbone, str(output_dir), point] + (["resume"] if resume else [])
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -188,11 +198,24 @@ def tasks() -> list[Task]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tasks) -> dict:
-    """metrics.json of the uninterrupted run (in this process; the children run the very same code)."""
-    output_dir = tmp_path_factory.mktemp("reference")
-    ContinualTrainer(tiny_vit(), config(), arguments(output_dir)).fit(tasks)
-    return _without_timings(json.loads((output_dir / "metrics.json").read_text()))
+def references(tmp_path_factory, tasks) -> dict[str, dict]:
+    """metrics.json of the uninterrupted run per backbone, made on first use (in this process; the children run the
+    very same code)."""
+    cache: dict[str, dict] = {}
+
+    def reference(backbone: str) -> dict:
+        if backbone not in cache:
+            output_dir = tmp_path_factory.mktemp(f"reference-{backbone}")
+            make_trainer(backbone, output_dir).fit(tasks)
+            cache[backbone] = _without_timings(json.loads((output_dir / "metrics.json").read_text()))
+        return cache[backbone]
+
+    return reference
+
+
+@pytest.fixture(scope="module")
+def reference(references) -> dict:
+    return references("vit")
 
 
 @pytest.fixture(scope="module")
@@ -205,13 +228,16 @@ def child_script(tmp_path_factory) -> Path:
 # --- SIGKILL, then resume --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backbone", ["vit", "batchnorm_cnn"])
 @pytest.mark.parametrize(
     "point, latest",
     [("train", "task-000"), ("checkpoint", "task-000"), ("h_embedding", "task-001")],
 )
-def test_sigkill_leaves_whole_files_and_resume_matches_uninterrupted(tmp_path, reference, child_script, point, latest):
+def test_sigkill_leaves_whole_files_and_resume_matches_uninterrupted(
+    tmp_path, references, child_script, backbone, point, latest
+):
     output_dir = tmp_path / "run"
-    killed = _run_child(child_script, output_dir, point)
+    killed = _run_child(child_script, backbone, output_dir, point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert _trained_tasks(killed) == [0, 1]  # each kill point lies in or after task 1's training, before task 2's
 
@@ -230,7 +256,7 @@ def test_sigkill_leaves_whole_files_and_resume_matches_uninterrupted(tmp_path, r
     else:
         assert incomplete == []
 
-    resumed = _run_child(child_script, output_dir, "none", resume=True)
+    resumed = _run_child(child_script, backbone, output_dir, "none", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _trained_tasks(resumed) == list(range(int(latest[-3:]) + 1, 3))  # from the checkpoint on, not from 0
     # Resume reads only what `latest` names and ignores the temporary folder; publishing the next checkpoint
@@ -238,7 +264,7 @@ def test_sigkill_leaves_whole_files_and_resume_matches_uninterrupted(tmp_path, r
     assert sorted(os.listdir(output_dir / "checkpoints")) == ["latest", "task-002"]
     assert _check_files(output_dir) == []
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    _assert_close(_without_timings(metrics), reference)
+    _assert_close(_without_timings(metrics), references(backbone))
 
 
 # --- numerical faults ------------------------------------------------------------------------------------------------

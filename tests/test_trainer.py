@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import BN_CNN_TARGETS, build_bn_cnn
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
@@ -166,3 +167,24 @@ def test_bad_tasks_and_arguments_are_rejected(tmp_path, tasks):
     with pytest.raises(ValueError, match="'image' and 'label'"):
         Task("x", tasks[0].train.rename_column("label", "target"), tasks[0].test)
     assert not list((tmp_path).glob("metrics.json"))
+
+
+def base_state(model: torch.nn.Module) -> dict[str, bytes]:
+    """Every parameter and buffer of a base model (BatchNorm statistics included), as bytes, under its own names."""
+    return {
+        name.replace(".base_layer", ""): tensor.detach().cpu().contiguous().numpy().tobytes()
+        for name, tensor in model.state_dict().items()
+        if "hyperlora_" not in name
+    }
+
+
+def test_fit_leaves_every_base_model_tensor_untouched_batchnorm_included(tmp_path, tasks):
+    model = build_bn_cnn()
+    assert model.training  # passed in as built, in train mode
+    before = base_state(model)
+    assert any(name.endswith("running_mean") for name in before)
+    trainer = ContinualTrainer(model, config(target_modules=BN_CNN_TARGETS), arguments(tmp_path))
+    trainer.fit(tasks[:2])
+    after = base_state(trainer.model.get_base_model())
+    assert after.keys() == before.keys()
+    assert [name for name in before if after[name] != before[name]] == []
