@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,13 +25,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-from peft.utils import load_peft_weights
+from peft.utils import CONFIG_NAME, load_peft_weights
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import plots
-from .checkpoint import atomic_directory, atomic_write_json, latest_checkpoint, publish_checkpoint
+from .checkpoint import LATEST, atomic_directory, atomic_write_json, latest_checkpoint, publish_checkpoint
 from .config import HyperLoraConfig, differing_fields
 from .data import Task, TaskImages, image_spec, pooled_features
 from .embedding import fit_h_embedding, target_distances
@@ -38,10 +40,30 @@ from .metrics import METRIC_KEYS, continual_metrics
 from .router import GaussianRouter, entropy_route
 from .transferability import h_score
 
+# Training arguments a resume may change: where and how a run reports, not what it computes (see check_resume).
+RESUME_SAFE_ARGUMENTS = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "logging_steps",
+    "report_to",
+    "plots",
+    "per_device_eval_batch_size",
+    "dataloader_num_workers",
+)
+
 
 @dataclass
 class ContinualTrainingArguments:
-    """How to train each task; the method's own switches live in HyperLoraConfig."""
+    """How to train each task; the method's own switches live in HyperLoraConfig.
+
+    ``resume_from_checkpoint`` continues the run in ``output_dir`` after its last finished task. The checkpoint
+    records these arguments, and a resume that changes any of them is refused, except ``output_dir``,
+    ``resume_from_checkpoint``, ``overwrite_output_dir``, ``logging_steps``, ``report_to``, ``plots``,
+    ``per_device_eval_batch_size`` and ``dataloader_num_workers``, which do not change the results. A fresh run into
+    an ``output_dir`` that holds checkpoints is refused unless ``overwrite_output_dir`` is set (then the old
+    checkpoints are deleted when it starts).
+    """
 
     output_dir: str = "outputs"
     num_train_epochs: int = 2
@@ -59,6 +81,7 @@ class ContinualTrainingArguments:
     augment: bool = False
     dataloader_num_workers: int = 0
     resume_from_checkpoint: bool = False
+    overwrite_output_dir: bool = False
     report_to: str | None = None
     logging_steps: int = 20
     plots: bool = True
@@ -150,11 +173,16 @@ class ContinualTrainer:
         router.safetensors, the plots, and checkpoints/ (one per finished task).
         """
         tasks = _check_tasks(tasks)
+        self.check_resume(tasks)
         num_tasks = len(tasks)
         self.offsets = np.cumsum([0] + [task.num_classes for task in tasks]).tolist()
         state = self._fresh_state(tasks)
+        state["training_arguments"] = self._training_record()
         if self.args.resume_from_checkpoint:
             state = self._restore(tasks, state)
+        elif self.accelerator.is_main_process:  # a fresh run (check_resume allowed it): no stale run to resume
+            shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         if self.args.report_to and state["completed"] == 0:
             self.accelerator.init_trackers("hyperlora", config={**asdict(self.args), **self.config.to_dict()})
 
@@ -186,6 +214,66 @@ class ContinualTrainer:
         for tracker in self.accelerator.trackers:  # not end_training(): it destroys the process group, and a
             tracker.finish()  # recipe runs several seeds in one launch
         return results
+
+    def check_resume(self, tasks: Sequence[Task]) -> None:
+        """Refuse, writing nothing, a run that the checkpoints in ``output_dir`` contradict.
+
+        A resume is refused when the checkpoint was written for other task names, another HyperLoraConfig, other
+        training arguments (all but those in RESUME_SAFE_ARGUMENTS) or another number of processes, naming every
+        difference: it would not continue the same run. A fresh run into a folder holding checkpoints is refused
+        unless ``overwrite_output_dir``. Without checkpoints there is nothing to check. ``fit`` calls this first.
+        """
+        tasks = _check_tasks(tasks)
+        root = self.output_dir / "checkpoints"
+        if not self.args.resume_from_checkpoint:
+            if (root / LATEST).exists() and not self.args.overwrite_output_dir:
+                raise ValueError(
+                    f"{self.output_dir} already holds the checkpoints of a run: pass --resume_from_checkpoint "
+                    "(resume_from_checkpoint=True) to continue it, or --overwrite_output_dir "
+                    "(overwrite_output_dir=True) to start a new run there"
+                )
+            return
+        path = latest_checkpoint(root)
+        if path is None:
+            return
+        saved = json.loads((path / "state.json").read_text())
+        differences = []
+        names = [task.name for task in tasks]
+        if saved["task_names"] != names:
+            differences.append(f"tasks: {saved['task_names']} in the checkpoint, {names} now")
+        saved_config = json.loads((path / "adapter" / CONFIG_NAME).read_text())
+        differences += [
+            f"HyperLoraConfig.{name}: {saved_config.get(name)!r} in the checkpoint, {getattr(self.config, name)!r} now"
+            for name in differing_fields(saved_config, self.config)
+        ]
+        saved_args = saved.get("training_arguments")
+        if saved_args is None:
+            warnings.warn(
+                f"{path} does not record its training arguments (an older hyperlora): not compared", stacklevel=2
+            )
+        else:
+            current = self._training_record()
+            differences += [
+                f"{name}: {saved_args.get(name)!r} in the checkpoint, {current.get(name)!r} now"
+                for name in sorted(saved_args.keys() | current.keys())
+                if name not in RESUME_SAFE_ARGUMENTS and saved_args.get(name) != current.get(name)
+            ]
+        if differences:
+            raise ValueError(
+                f"cannot resume from {path}: it was written by a different run ("
+                + "; ".join(differences)
+                + "). Only these training arguments may change on resume: "
+                + ", ".join(RESUME_SAFE_ARGUMENTS)
+            )
+
+    def _training_record(self) -> dict[str, Any]:
+        """The training arguments as a checkpoint stores them (JSON values), with the precision and the number of
+        processes the run really has."""
+        record = asdict(self.args) | {
+            "mixed_precision": self.accelerator.mixed_precision,
+            "num_processes": self.accelerator.num_processes,
+        }
+        return json.loads(json.dumps(record))
 
     # --- the H-embedding -----------------------------------------------------------------------------------------
 
@@ -470,15 +558,7 @@ class ContinualTrainer:
         if path is None:
             return state
         saved = json.loads((path / "state.json").read_text())
-        names = [task.name for task in tasks]
-        if saved["task_names"] != names:
-            raise ValueError(
-                f"cannot resume: {self.output_dir} holds a run over tasks {saved['task_names']}, not {names}"
-            )
-        saved_config = json.loads((path / "adapter" / "adapter_config.json").read_text())
-        differing = differing_fields(saved_config, self.config)
-        if differing:
-            raise ValueError(f"cannot resume: the checkpoint was written with a different config ({differing})")
+        saved["training_arguments"] = state["training_arguments"]  # check_resume accepted the differences
         weights = load_peft_weights(str(path / "adapter"), device=str(self.accelerator.device))
         set_peft_model_state_dict(self.model, weights)
         self.model.base_model.set_task(self.model.base_model.num_tasks - 1)

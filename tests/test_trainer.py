@@ -136,12 +136,56 @@ def test_same_seed_same_results_and_resume_matches_uninterrupted(tmp_path, tasks
     assert resumed["class_incremental"]["accuracy_matrix"] == reference["class_incremental"]["accuracy_matrix"]
 
 
-def test_resume_refuses_other_tasks_or_config(tmp_path, tasks):
+def snapshot(root) -> dict[str, bytes | None]:
+    """Every path under root (directories as None) with its bytes: equal snapshots mean nothing was written."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def test_a_resume_that_changes_the_run_is_refused_naming_every_difference_and_writes_nothing(tmp_path, tasks):
+    first = run(tmp_path, tasks[:2])
+    before = snapshot(tmp_path)
+    changed = arguments(tmp_path, resume_from_checkpoint=True, learning_rate=0.5, max_steps_per_task=4, augment=True)
+    trainer = ContinualTrainer(tiny_vit(), config(r=3), changed)
+    for call in (trainer.check_resume, trainer.fit):
+        with pytest.raises(ValueError, match="cannot resume") as refused:
+            call([tasks[0], tasks[2]])
+        message = str(refused.value)
+        assert "tasks: ['t0', 't1'] in the checkpoint, ['t0', 't2'] now" in message
+        assert "HyperLoraConfig.r: 2 in the checkpoint, 3 now" in message
+        for name in ("learning_rate: 0.001", "max_steps_per_task: 3", "augment: False"):
+            assert name in message
+        assert "lora_alpha" not in message and "seed" not in message  # only what differs
+        assert snapshot(tmp_path) == before
+
+    # What only changes where and how a run reports is accepted; the finished run is read back, not retrained.
+    safe = dict(logging_steps=1, per_device_eval_batch_size=5, plots=True, dataloader_num_workers=1, report_to="none")
+    trainer = ContinualTrainer(tiny_vit(), config(), arguments(tmp_path, resume_from_checkpoint=True, **safe))
+    trainer.check_resume(tasks[:2])
+    assert snapshot(tmp_path) == before
+    resumed = trainer.fit(tasks[:2])
+    assert resumed["accuracy_matrix"] == first["accuracy_matrix"]
+    assert (tmp_path / "h_scores.png").is_file()
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_needs_overwrite_output_dir(tmp_path, tasks):
     run(tmp_path, tasks[:2])
-    with pytest.raises(ValueError, match="different"):
-        ContinualTrainer(tiny_vit(), config(r=3), arguments(tmp_path, resume_from_checkpoint=True)).fit(tasks[:2])
-    with pytest.raises(ValueError, match="tasks"):
-        run(tmp_path, [tasks[0], tasks[2]], resume_from_checkpoint=True)
+    before = snapshot(tmp_path)
+    trainer = ContinualTrainer(tiny_vit(), config(), arguments(tmp_path))
+    for call in (trainer.check_resume, trainer.fit):
+        with pytest.raises(ValueError, match=r"--resume_from_checkpoint .* or --overwrite_output_dir"):
+            call(tasks[:1])
+        assert snapshot(tmp_path) == before
+    run(tmp_path, tasks[2:], overwrite_output_dir=True)  # starts over: the old run's checkpoints are gone
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "task-000"]
+    state = json.loads((tmp_path / "checkpoints" / "task-000" / "state.json").read_text())
+    assert state["task_names"] == ["t2"] and state["training_arguments"]["overwrite_output_dir"] is True
+
+
+def test_check_resume_without_checkpoints_is_a_no_op_that_writes_nothing(tmp_path, tasks):
+    for resume in (False, True):
+        trainer = ContinualTrainer(tiny_vit(), config(), arguments(tmp_path / "new", resume_from_checkpoint=resume))
+        trainer.check_resume(tasks)
+        assert not (tmp_path / "new").exists()
 
 
 def test_old_tasks_are_not_forgotten_by_construction(tmp_path, tasks):
