@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +184,9 @@ class ContinualTrainer:
         elif self.accelerator.is_main_process:  # a fresh run (check_resume allowed it): no stale run to resume
             shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        if self.args.report_to and state["completed"] == 0:
-            self.accelerator.init_trackers("hyperlora", config={**asdict(self.args), **self.config.to_dict()})
+        if self.args.report_to:
+            config = tracker_config({**asdict(self.args), **self.config.to_dict()})
+            self.accelerator.init_trackers("hyperlora", config=config)
 
         bar = self._bar(total=num_tasks, initial=state["completed"], desc="tasks")
         for t in range(state["completed"], num_tasks):
@@ -203,8 +205,9 @@ class ContinualTrainer:
             state["timings"]["eval_s"][t] = time.perf_counter() - start
             state["completed"] = t + 1
             self._checkpoint(tasks, state)
+            accuracy = self._report_task(t, tasks, state)
             bar.update(1)
-            bar.set_postfix(acc=f"{np.nanmean(state['task_il'][t][: t + 1]):.3f}")
+            bar.set_postfix(acc=f"{accuracy:.3f}")
         bar.close()
         results = self._results(tasks, state)
         if self.accelerator.is_main_process:
@@ -371,6 +374,7 @@ class ContinualTrainer:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(step_module.parameters(), args.max_grad_norm)
+                    lr = optimizer.param_groups[0]["lr"]  # the hypernetwork's, for this step
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
@@ -379,10 +383,17 @@ class ContinualTrainer:
                 step += 1
                 bar.update(1)
                 if step % args.logging_steps == 0 or step == total:
-                    logs = {f"train/{k}": v.item() for k, v in parts.items()} | {"train/loss": loss.item()}
+                    values = {"loss": loss.item()} | {k: v.item() for k, v in parts.items()}
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                     if args.report_to:
-                        accelerator.log({**logs, "task": t}, step=t * 100_000 + step)
+                        logs = {f"train/{k}": v for k, v in values.items()} | {"train/learning_rate": lr, "task": t}
+                        accelerator.log(logs, step=_tracker_step(t, step))
+                    if self._log_steps:
+                        detail = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "loss")
+                        self._print(
+                            f"task {t} ({task.name}) step {step}/{total}: loss {values['loss']:.4f} ({detail}), "
+                            f"lr {lr:.2e}"
+                        )
                 if step >= total:
                     break
         bar.close()
@@ -455,7 +466,35 @@ class ContinualTrainer:
             state[key][t + 1] = (predicted == test_labels).float().mean().item()
         state["task_il"][t][t + 1] = state["fwt_start"][t + 1]
 
+    def _report_task(self, t: int, tasks: Sequence[Task], state: dict) -> float:
+        """Task t's results to the trackers and as a log line; returns its task-IL accuracy over the seen tasks."""
+        accuracy = float(np.mean(state["task_il"][t][: t + 1]))
+        seen, routed = state["seen_class_accuracy"][t], state["router_task_accuracy"][t]
+        if self.args.report_to:
+            values = {"task_il_accuracy": accuracy, "class_il_accuracy": seen, "router_task_accuracy": routed}
+            logs = {f"eval/{k}": v for k, v in values.items()} | {"task": t}
+            self.accelerator.log(logs, step=_tracker_step(t + 1, 0))
+        timings = {k.removesuffix("_s").replace("_", "-"): v[t] for k, v in state["timings"].items()}
+        self._print(
+            f"task {t} ({tasks[t].name}) done, {t + 1} of {len(tasks)}: task-IL accuracy {accuracy:.4f} over the "
+            f"seen tasks, class-IL {seen:.4f}, router {routed:.4f}; "
+            + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
+        )
+        return accuracy
+
     # --- helpers -------------------------------------------------------------------------------------------------
+
+    @property
+    def _log_steps(self) -> bool:
+        """Step log lines when no progress bar shows them: stderr not a terminal (tqdm is off) or stdout sent to a
+        file (SLURM, ``> log``)."""
+        return not (sys.stdout.isatty() and sys.stderr.isatty())
+
+    def _print(self, line: str) -> None:
+        """A log line on stdout, from the main process only, flushed at once (a SLURM log is read while it runs)."""
+        if self.accelerator.is_main_process:
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
 
     def _forward(self, pixel_values: torch.Tensor, task_ids) -> torch.Tensor:
         with self.accelerator.autocast():
@@ -642,6 +681,32 @@ class _OnDevice:
     def __iter__(self):
         for pixel_values, labels in self.loader:
             yield pixel_values.to(self.device), labels.to(self.device)
+
+
+def _tracker_step(t: int, step: int) -> int:
+    """One increasing step count over the whole run, the same after a resume."""
+    return t * 100_000 + step
+
+
+def tracker_config(values: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Flatten a config to what every tracker accepts (TensorBoard's hparams refuse None and lists): nested dicts
+    become ``outer/inner`` keys, lists and sets comma-separated strings, enums their value, anything else its str."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Enum):
+            value = value.value
+        if isinstance(value, dict):
+            flat |= tracker_config(value, prefix=f"{name}/")
+        elif isinstance(value, set | frozenset):
+            flat[name] = ",".join(sorted(map(str, value)))
+        elif isinstance(value, list | tuple):
+            flat[name] = ",".join(map(str, value))
+        elif type(value) in (bool, int, float, str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
 
 
 def _check_tasks(tasks: Sequence[Task]) -> list[Task]:

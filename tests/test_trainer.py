@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image as PILImage
 
 from hyperlora import HyperLoraConfig
 from hyperlora.data import Task
-from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
+from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments, tracker_config
 
 
 def _images(rng: np.random.Generator, label: int, count: int, size: int = 16) -> list[PILImage.Image]:
@@ -232,3 +233,63 @@ def test_fit_leaves_every_base_model_tensor_untouched_batchnorm_included(tmp_pat
     after = base_state(trainer.model.get_base_model())
     assert after.keys() == before.keys()
     assert [name for name in before if after[name] != before[name]] == []
+
+
+def test_tracker_config_holds_only_scalars_every_tracker_accepts():
+    from peft import PeftType
+
+    values = {"a": None, "b": [2, 1], "c": {"d": {"y", "x"}, "e": 1.5}, "f": PeftType.LORA, "g": True, "h": "s"}
+    assert tracker_config(values) == {
+        "a": "None",
+        "b": "2,1",
+        "c/d": "x,y",
+        "c/e": 1.5,
+        "f": "LORA",
+        "g": True,
+        "h": "s",
+    }
+
+
+def test_report_to_tensorboard_logs_the_run_under_output_dir(tmp_path, tasks):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, tasks[:2], report_to="tensorboard", logging_steps=1)
+    event_files = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    assert event_files
+    scalars = {}
+    for path in event_files:
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(event.value for event in events.Scalars(tag))
+    assert len(scalars["train/loss"]) == 6 and all(math.isfinite(v) for v in scalars["train/loss"])  # 3 steps x 2
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert scalars["eval/task_il_accuracy"] == pytest.approx(
+        [np.mean(row[: t + 1]) for t, row in enumerate(metrics["accuracy_matrix"])]
+    )
+
+
+def test_without_a_terminal_progress_is_printed_as_log_lines(tmp_path, tasks, capsys):
+    """capsys's stdout and stderr are not terminals, as under SLURM or `> log`: tqdm is off, log lines say it all."""
+    results = run(tmp_path, tasks[:2], logging_steps=2)
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line for line in lines if " step " in line]
+    pattern = r"task (\d) \((t\d)\) step (\d)/3: loss [\d.]+ \(ce [\d.]+(, reg [\d.]+)?(, emb [\d.]+)?\), lr ([\d.e-]+)"
+    parsed = [re.fullmatch(pattern, line) for line in steps]
+    assert all(parsed), steps
+    # every logging_steps steps and at the task's last step; the cosine schedule's rate used by that step
+    assert [(m[1], m[2], m[3], float(m[6])) for m in parsed] == [
+        ("0", "t0", "2", 7.5e-4),
+        ("0", "t0", "3", 2.5e-4),
+        ("1", "t1", "2", 7.5e-4),
+        ("1", "t1", "3", 2.5e-4),
+    ]
+    assert parsed[2][4] is not None  # task 1 also has the regulariser
+    done = [line for line in lines if " done, " in line]
+    assert len(done) == 2
+    for t, line in enumerate(done):
+        til = np.mean(results["accuracy_matrix"][t][: t + 1])
+        cil = results["class_incremental"]["seen_class_accuracy"][t]
+        assert line.startswith(f"task {t} (t{t}) done, {t + 1} of 2: task-IL accuracy {til:.4f} over the seen tasks")
+        assert f"class-IL {cil:.4f}" in line and re.search(r"h-embedding [\d.]+s, train [\d.]+s, eval [\d.]+s$", line)
+    assert lines.index(steps[-1]) < lines.index(done[-1])  # in order, as they happen
