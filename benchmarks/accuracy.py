@@ -12,16 +12,19 @@ Methods (``--methods``):
 - ``joint``: one PEFT LoRA adapter and a head per task trained on all tasks at once (the upper bound; only its
   final accuracies exist).
 
-Benchmarks (``--benchmark``, alias ``--dataset``): ``quickstart``, the offline six-task sequence of
-recipes/quickstart.py (five split-MNIST pairs, then sklearn digits as a ten-class task from another domain) on
-EfficientNet-Lite0; ``long``, ten two-class tasks (the five MNIST pairs, then five pairs of sklearn 8x8 digits), same
-backbone; ``imagenet_r``, the protocol of recipes/imagenet_r.py (200 classes in ``--num_tasks`` tasks, the seeded
-80/20 split, class order seed 1993) on a timm ViT (ViT-B/16 in21k by default; ``--data_path`` a Hub id or a local
-image folder), on a GPU when there is one. Every method reads the same budget (``--epochs``, ``--batch_size``,
-``--lr``, ``--head_lr``) and targets the same modules (HyperLoRA's, for PEFT LoRA too).
+Benchmarks (``--benchmark``): ``quickstart``, the offline six-task sequence of recipes/quickstart.py (five split-MNIST
+pairs, then sklearn digits as a ten-class task from another domain) on EfficientNet-Lite0; ``long``, ten two-class
+tasks (the five MNIST pairs, then five pairs of sklearn 8x8 digits), same backbone; ``imagenet_r``, the protocol of
+recipes/imagenet_r.py (200 classes in ``--num_tasks`` tasks, the seeded 80/20 split, class order seed 1993) on a timm
+ViT (ViT-B/16 in21k by default; ``--dataset_name`` a Hub id or a local image folder), on a GPU when there is one.
+Every method reads the same budget (``--num_train_epochs``, ``--per_device_train_batch_size``, ``--learning_rate``,
+``--head_learning_rate``) and targets the same modules (HyperLoRA's, for PEFT LoRA too). Arguments follow
+hyperlora.cli (``--config file.yaml``; the old ``--epochs``, ``--batch_size``, ``--lr``, ``--head_lr``, ``--model``
+and ``--data_path`` still work).
 
     python benchmarks/accuracy.py --seeds 0 1 2
-    python benchmarks/accuracy.py --dataset imagenet_r --data_path /data/imagenet-r --epochs 20 --batch_size 64
+    python benchmarks/accuracy.py --benchmark imagenet_r --dataset_name /data/imagenet-r --num_train_epochs 20 \\
+        --per_device_train_batch_size 64
 
 Writes accuracy.json, accuracy.md (mean and std over seeds) and accuracy.png under the output directory; with
 ``--append`` the runs are added to those already in accuracy.json (same benchmark), so methods can be run apart.
@@ -55,6 +58,7 @@ from quickstart import _split, build_backbone, build_tasks
 
 from hyperlora import HyperLoraConfig
 from hyperlora.checkpoint import atomic_write_json, atomic_write_text
+from hyperlora.cli import parse
 from hyperlora.data import TaskImages, image_spec, pooled_features
 from hyperlora.metrics import METRIC_KEYS, continual_metrics
 from hyperlora.model import default_target_modules
@@ -320,7 +324,13 @@ def build_benchmark(cli: argparse.Namespace, seed: int) -> tuple[list, Setup]:
 
 
 def budget_of(cli: argparse.Namespace) -> dict:
-    return {key: getattr(cli, key) for key in ("epochs", "batch_size", "lr", "head_lr")}
+    """The budget as accuracy.json records it (and Setup reads it)."""
+    return {
+        "epochs": cli.num_train_epochs,
+        "batch_size": cli.per_device_train_batch_size,
+        "lr": cli.learning_rate,
+        "head_lr": cli.head_learning_rate,
+    }
 
 
 def imagenet_r_tasks(cli: argparse.Namespace) -> list:
@@ -331,7 +341,7 @@ def imagenet_r_tasks(cli: argparse.Namespace) -> list:
     data = DataArguments(
         **{key: value for key, value in DEFAULTS.items() if key in data_fields}
         | {"num_tasks": cli.num_tasks, "max_train_per_class": cli.max_train_per_class}
-        | ({"dataset_name": cli.data_path} if cli.data_path else {})
+        | ({"dataset_name": cli.dataset_name} if cli.dataset_name else {})
         | {"cache_dir": cli.cache_dir}
     )
     return load_tasks(data)[0]
@@ -341,7 +351,7 @@ def imagenet_r_backbone(cli: argparse.Namespace) -> nn.Module:
     from common import ModelArguments
 
     return ModelArguments(
-        model_name_or_path=cli.model, pretrained=cli.pretrained, model_kwargs=cli.model_kwargs
+        model_name_or_path=cli.model_name_or_path, pretrained=cli.pretrained, model_kwargs=cli.model_kwargs
     ).create_model()
 
 
@@ -492,31 +502,39 @@ def run_method(method: str, tasks, seed: int, setup: Setup, ewc_strength: float)
 METHODS = [*ABLATIONS, "lora_per_task", "lora_sequential", "lora_ewc", "joint"]
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", "--dataset", choices=["quickstart", "long", "imagenet_r"], default="quickstart")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--benchmark", choices=["quickstart", "long", "imagenet_r"], default="quickstart")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ewc_strength", type=float, default=1e4)
     budget = parser.add_argument_group("the budget every method gets")
-    budget.add_argument("--epochs", type=int, default=2, help="epochs per task")
-    budget.add_argument("--batch_size", type=int, default=32)
-    budget.add_argument("--lr", type=float, default=1e-3, help="adapter / hypernetwork learning rate")
-    budget.add_argument("--head_lr", type=float, default=1e-2)
-    imagenet_r = parser.add_argument_group("--dataset imagenet_r (recipes/imagenet_r.py's protocol)")
-    imagenet_r.add_argument("--data_path", default=None, help="a Hub dataset id or a local image folder")
-    imagenet_r.add_argument("--cache_dir", default=None, help="where datasets caches (default: HF_HOME)")
+    budget.add_argument("--num_train_epochs", "--epochs", type=int, default=2, help="epochs per task")
+    budget.add_argument("--per_device_train_batch_size", "--batch_size", type=int, default=32, help="batch size")
+    budget.add_argument("--learning_rate", "--lr", type=float, default=1e-3, help="adapter / hypernetwork")
+    budget.add_argument("--head_learning_rate", "--head_lr", type=float, default=1e-2, help="the task heads")
+    imagenet_r = parser.add_argument_group("--benchmark imagenet_r (recipes/imagenet_r.py's protocol)")
+    imagenet_r.add_argument(
+        "--dataset_name", "--data_path", default=None, help="a Hub id or a local image folder; None: the recipe's"
+    )
+    imagenet_r.add_argument("--cache_dir", default=None, help="where datasets caches; None: HF_HOME's")
     imagenet_r.add_argument("--num_tasks", type=int, default=10)
     imagenet_r.add_argument("--max_train_per_class", type=int, default=None)
-    imagenet_r.add_argument("--model", default="vit_base_patch16_224.augreg_in21k", help="a timm model name")
-    imagenet_r.add_argument("--no_pretrained", dest="pretrained", action="store_false")
+    imagenet_r.add_argument(
+        "--model_name_or_path", "--model", default="vit_base_patch16_224.augreg_in21k", help="a timm model name"
+    )
+    imagenet_r.add_argument("--pretrained", action="store_true", default=True, help="its pretrained weights")
     imagenet_r.add_argument("--model_kwargs", default=None, help="extra timm.create_model arguments as JSON")
-    parser.add_argument("--output_dir", default=None, help="default: benchmarks/results/accuracy/<benchmark>")
+    parser.add_argument("--output_dir", default=None, help="None: benchmarks/results/accuracy/<benchmark>")
     parser.add_argument("--append", action="store_true", help="add to the runs already in accuracy.json")
     parser.add_argument(
-        "--merge", nargs="+", type=Path, help="only combine these accuracy.json files (runs made apart) into one report"
+        "--merge", nargs="+", help="only combine these accuracy.json files (runs made apart) into one report"
     )
-    cli = parser.parse_args(argv)
+    return parse(parser, argv)
+
+
+def main(argv=None) -> None:
+    cli = parse_args(argv)
     out = Path(cli.output_dir or Path(__file__).parent / "results" / "accuracy" / cli.benchmark)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -527,7 +545,7 @@ def main(argv=None) -> None:
         [out / "accuracy.json"] if cli.append and (out / "accuracy.json").exists() else []
     )
     for source in sources:
-        previous = json.loads(source.read_text())
+        previous = json.loads(Path(source).read_text())
         if previous["benchmark"] != cli.benchmark:
             raise SystemExit(f"{source} holds {previous['benchmark']!r}, not {cli.benchmark!r}")
         if previous["budget"] != budget:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from quickstart import _dataset, build_backbone
 
 from hyperlora.checkpoint import atomic_write_json, atomic_write_text
+from hyperlora.cli import parse
 from hyperlora.data import Task, TaskImages, image_spec, pooled_features
 from hyperlora.embedding import fit_h_embedding, target_distances
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
@@ -139,7 +140,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     backbone, config, size = build_backbone("efficientnet")
     with tempfile.TemporaryDirectory(prefix="relations-") as tmp:
         train_args = ContinualTrainingArguments(
-            output_dir=tmp, num_train_epochs=args.epochs, seed=seed, image_size=size, plots=False
+            output_dir=tmp, num_train_epochs=args.num_train_epochs, seed=seed, image_size=size, plots=False
         )
         trainer = ContinualTrainer(backbone, config, train_args)
         trainer.fit(old)
@@ -269,15 +270,19 @@ def _plot(path: Path, runs: list[dict]) -> None:
     Path(tmp.name).replace(path)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per old task")
+    parser.add_argument("--num_train_epochs", "--epochs", type=int, default=2, help="epochs per old task")
     parser.add_argument("--old_per_class", type=int, default=80)
     parser.add_argument("--probe_per_class", type=int, default=10, help="few-shot training images per probe class")
     parser.add_argument("--steps", type=int, default=15, help="the short budget of the transfer measurement")
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results" / "relations"))
-    args = parser.parse_args(argv)
+    return parse(parser, argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = []

@@ -32,6 +32,7 @@ from torch import nn
 
 from hyperlora import HyperLoraConfig
 from hyperlora.checkpoint import atomic_write_json, atomic_write_text
+from hyperlora.cli import parse
 from hyperlora.embedding import fit_h_embedding, target_distances
 from hyperlora.losses import GuidanceDecoder, guidance_loss, output_regulariser
 from hyperlora.transferability import h_score
@@ -58,8 +59,8 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
     tuner = model.base_model
     t = num_tasks - 1
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    x = torch.randn(args.per_device_train_batch_size, 3, args.image_size, args.image_size, generator=g)
+    y = torch.randint(0, 10, (args.per_device_train_batch_size,), generator=g)
     head = nn.Linear(vit_dim(model), 10)
     decoder = GuidanceDecoder(config.hypernet_hidden_dim, config.task_embedding_dim, config.decoder_hidden_dim)
     h_target = torch.randn(config.task_embedding_dim)
@@ -130,8 +131,9 @@ def write_report(out: Path, rows: list[dict], args: argparse.Namespace) -> str:
         "# Cost against the number of tasks",
         "",
         f"Machine: {machine}; {datetime.date.today().isoformat()}. Command: `python benchmarks/scale.py --tasks "
-        f"{' '.join(map(str, args.tasks))}`. A 4-block ViT-Tiny at {args.image_size} px, batch {args.batch_size}, "
-        f"r=8, the H-embedding on {args.samples} images; training the last of T tasks.",
+        f"{' '.join(map(str, args.tasks))}`. A 4-block ViT-Tiny at {args.image_size} px, "
+        f"batch {args.per_device_train_batch_size}, r=8, the H-embedding on {args.samples} images; "
+        "training the last of T tasks.",
         "",
         "| tasks | training step (ms) | peak training memory (MiB) | H-embedding (s) | old-task state held (KiB) "
         "| stored, all tasks (MiB) |",
@@ -183,16 +185,20 @@ def _plot(path: Path, rows: list[dict]) -> None:
     Path(tmp.name).replace(path)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50])
     parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--per_device_train_batch_size", "--batch_size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=256, help="images per H-score")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results" / "scale"))
-    args = parser.parse_args(argv)
+    return parse(parser, argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -3,12 +3,12 @@
 Both methods wrap the same timm ViT (same seed, same weights) with the same rank, alpha and target modules, and
 see the same batch. Timed repetitions are interleaved (one call of every variant per round, the order rotating
 each round) and each variant's median is reported, with the ratio of medians. Peak training memory is read in a
-fresh subprocess per method and run. Results go to ``<output-dir>/<name>.md`` and ``<output-dir>/<name>.json``.
+fresh subprocess per method and run. Results go to ``<output_dir>/<name>.md`` and ``<output_dir>/<name>.json``.
 
     python benchmarks/speed.py                       # CPU default: ViT-Tiny/16, 64 px, batch 32, fp32
     python benchmarks/speed.py --quick               # a few repetitions, to check that it runs
-    python benchmarks/speed.py --device cuda --model vit_base_patch16_224 --image-size 224 --dtype bf16 \\
-        --name speed_gpu                             # the GPU table (memory: torch.cuda.max_memory_allocated)
+    python benchmarks/speed.py --device cuda --model_name_or_path vit_base_patch16_224 --image_size 224 \\
+        --dtype bf16 --name speed_gpu                # the GPU table (memory: torch.cuda.max_memory_allocated)
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import torch
 from peak_memory import describe, peak_increase
 from torch import nn
 
+from hyperlora import cli
+
 TARGET_MODULES = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 NUM_CLASSES = 10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,7 +51,7 @@ def base_model(args: argparse.Namespace) -> nn.Module:
     import timm
 
     torch.manual_seed(args.seed)
-    return timm.create_model(args.model, pretrained=False, num_classes=0, img_size=args.image_size)
+    return timm.create_model(args.model_name_or_path, pretrained=False, num_classes=0, img_size=args.image_size)
 
 
 def build(variant: str, args: argparse.Namespace) -> tuple[nn.Module, nn.Linear]:
@@ -62,13 +64,13 @@ def build(variant: str, args: argparse.Namespace) -> tuple[nn.Module, nn.Linear]
     if variant == "bare":
         model = base
     elif variant in ("lora", "lora10"):
-        config = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGET_MODULES)
+        config = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=TARGET_MODULES)
         model = get_peft_model(base, config, adapter_name="task0")
         for t in range(1, args.num_tasks if variant == "lora10" else 1):
             model.add_adapter(f"task{t}", config)
         model.set_adapter("task0")  # the one trained / used for single-adapter runs
     elif variant in ("hyper1", "hyper10", "hyper_merged"):
-        config = hyperlora.HyperLoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGET_MODULES)
+        config = hyperlora.HyperLoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=TARGET_MODULES)
         model = get_peft_model(base, config)
         for _ in range(1 if variant == "hyper1" else args.num_tasks):
             model.add_task()
@@ -90,16 +92,16 @@ def base_feature_dim(model: nn.Module) -> int:
 
 def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(args.seed + 2)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
-    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g)
+    x = torch.randn(args.per_device_train_batch_size, 3, args.image_size, args.image_size, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (args.per_device_train_batch_size,), generator=g)
     return x.to(args.device, DTYPES[args.dtype]), y.to(args.device)
 
 
 def mixed_task_ids(args: argparse.Namespace) -> list[int]:
     """Every one of the ``num_tasks`` tasks, evenly spread over the batch, in a seeded shuffled order."""
     g = torch.Generator().manual_seed(args.seed + 3)
-    ids = torch.arange(args.batch_size) % args.num_tasks
-    return ids[torch.randperm(args.batch_size, generator=g)].tolist()
+    ids = torch.arange(args.per_device_train_batch_size) % args.num_tasks
+    return ids[torch.randperm(args.per_device_train_batch_size, generator=g)].tolist()
 
 
 def train_step(model: nn.Module, head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -211,7 +213,7 @@ def measure_memory(variants: list[str], args: argparse.Namespace, argv: list[str
     for _ in range(args.memory_runs):
         for variant in variants:  # interleaved runs, like the timings
             out = subprocess.run(
-                [sys.executable, __file__, *argv, "--_memory-worker", variant],
+                [sys.executable, __file__, *argv, "--_memory_worker", variant],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -441,8 +443,8 @@ def markdown(result: dict) -> str:
             NO_GPU_NOTE + ". The same script measures it on a CUDA machine:",
             "",
             "```bash",
-            "python benchmarks/speed.py --device cuda --model vit_base_patch16_224 --image-size 224 --dtype bf16 "
-            "--name speed_gpu",
+            "python benchmarks/speed.py --device cuda --model_name_or_path vit_base_patch16_224 --image_size 224 "
+            "--dtype bf16 --name speed_gpu",
             "```",
         ]
     if result.get("notes"):
@@ -454,26 +456,28 @@ def markdown(result: dict) -> str:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="vit_tiny_patch16_224")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--model_name_or_path", "--model", default="vit_tiny_patch16_224", help="a timm model name")
+    parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--per_device_train_batch_size", "--batch_size", type=int, default=32, help="the batch of every measurement"
+    )
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16)
-    parser.add_argument("--num-tasks", type=int, default=10)
+    parser.add_argument("--lora_alpha", "--alpha", type=float, default=16)
+    parser.add_argument("--num_tasks", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 60 training, 150 inference)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 5)")
-    parser.add_argument("--memory-runs", type=int, default=None, help="subprocess runs per method (default 3)")
-    parser.add_argument("--memory-steps", type=int, default=3, help="training steps per memory run")
+    parser.add_argument("--memory_runs", type=int, default=None, help="subprocess runs per method (default 3)")
+    parser.add_argument("--memory_steps", type=int, default=3, help="training steps per memory run")
     parser.add_argument("--quick", action="store_true", help="a few repetitions, to check that the script runs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores available)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--name", default="speed", help="output file stem: <name>.md and <name>.json")
-    parser.add_argument("--_memory-worker", dest="memory_worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--_memory_worker", dest="memory_worker", default=None, help=argparse.SUPPRESS)
+    args = cli.parse(parser, argv)
     if args.quick:
         args.train_repeats = args.infer_repeats = args.repeats or 3
         args.warmup = 1 if args.warmup is None else args.warmup
@@ -498,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
 
     started = time.perf_counter()
-    child_argv = [a for a in argv if a != "--quick"] + ["--memory-runs", "1"]  # the worker reads model options only
+    child_argv = [a for a in argv if a != "--quick"] + ["--memory_runs", "1"]  # the worker reads model options only
     print("peak memory (fresh subprocesses) ...", flush=True)
     with BackgroundLoad() as mem_load:
         mem = measure_memory(["lora", "hyper1", "hyper10"], args, child_argv)
@@ -657,13 +661,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         "argv": argv,
         "machine": machine(args),
         "config": {
-            "model": args.model,
+            "model": args.model_name_or_path,
             "image_size": args.image_size,
-            "batch_size": args.batch_size,
+            "batch_size": args.per_device_train_batch_size,
             "dtype": args.dtype,
             "device": args.device,
             "r": args.r,
-            "alpha": args.alpha,
+            "alpha": args.lora_alpha,
             "target_modules": TARGET_MODULES,
             "num_tasks": args.num_tasks,
             "warmup": args.warmup,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -157,6 +158,7 @@ class ContinualTrainer:
             log_with=self.args.report_to,
             project_dir=self.args.output_dir,
         )
+        _check_process_group(self.accelerator.num_processes)
         # Eval mode except inside _train_task: the backbone is frozen, and a forward in train mode would still
         # update its BatchNorm statistics (a model is usually passed in as built, in train mode).
         self.model.to(self.accelerator.device).eval()
@@ -681,6 +683,41 @@ class _OnDevice:
     def __iter__(self):
         for pixel_values, labels in self.loader:
             yield pixel_values.to(self.device), labels.to(self.device)
+
+
+def _check_process_group(num_processes: int) -> None:
+    """Refuse a launch whose processes did not form one process group: each would run the whole job alone, all
+    writing the same checkpoint files."""
+    requested = int(os.environ.get("WORLD_SIZE", "1")) or 1
+    if requested == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
+        requested = _simple_launcher_processes()
+    if requested > num_processes:
+        raise ValueError(
+            f"the launcher asked for {requested} processes, but they did not form a process group ({num_processes} "
+            "here): on a machine without GPUs, `accelerate launch --multi_gpu` starts independent runs unless "
+            "ACCELERATE_USE_CPU=1 is set, and `--cpu` starts one process. Run instead: "
+            f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {requested} ..."
+        )
+
+
+def _simple_launcher_processes() -> int:
+    """--num_processes of an `accelerate launch --cpu` that started this process (Linux), else 1: that launcher starts
+    a single process and passes it no trace of the number it was asked for but its own command line."""
+    try:
+        launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except (OSError, UnicodeDecodeError):
+        return 1
+    # `accelerate launch`, `accelerate-launch` or `python -m accelerate.commands.launch`, then options, then the script
+    start = next((i for i, a in enumerate(launcher) if a == "launch" or a.endswith(("-launch", ".launch"))), None)
+    if start is None or sys.argv[0] not in launcher[start:]:
+        return 1
+    options = launcher[start + 1 : launcher.index(sys.argv[0], start)]  # not the script's own arguments
+    for i, option in enumerate(options):
+        name, _, value = option.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (options[i + 1] if i + 1 < len(options) else "")
+            return int(value) if value.isdigit() else 1
+    return 1
 
 
 def _tracker_step(t: int, step: int) -> int:

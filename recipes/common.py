@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from peft import PeftConfig
 
-from hyperlora import HyperLoraConfig
+from hyperlora import HyperLoraConfig, cli
 from hyperlora.checkpoint import atomic_write_json, atomic_write_text
 from hyperlora.data import Task
 from hyperlora.metrics import METRIC_KEYS, summarise_runs
@@ -85,46 +85,31 @@ class ModelArguments:
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, HyperLoraConfig, ContinualTrainingArguments)
+ALIASES = {**cli.TRAINING_ALIASES, "dataset": "dataset_name", "model_name": "model_name_or_path"}
+MODULE_LISTS = ("target_modules", "exclude_modules")
 
 
 def parse_arguments(defaults: dict[str, Any], argv: list[str] | None = None):
-    """Recipe defaults, then the ``--config`` file, then the command line."""
+    """Recipe defaults, then the ``--config`` file, then the command line (``hyperlora.cli``)."""
     from transformers import HfArgumentParser
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, argv = pre.parse_known_args(argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    parser.add_argument("--config", help="A YAML or JSON file of arguments; the command line overrides it.")
-    values = dict(defaults)
-    if known.config:
-        values |= _read_config(Path(known.config))
-    unknown = sorted(set(values) - {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)})
-    if unknown:
-        raise SystemExit(f"unknown arguments {unknown} in {known.config or 'the recipe defaults'}")
-    parser.set_defaults(**values)
     bookkeeping = {f.name for f in fields(PeftConfig)}
     for action in parser._actions:
-        action.required = action.required and action.dest not in values  # --dataset may come from defaults/file
         if action.dest in bookkeeping:  # PEFT's own fields (peft_type, task_type, ...) are not recipe settings
             action.help = argparse.SUPPRESS
-    data, model, config, training, _ = parser.parse_args_into_dataclasses(argv)  # _: the --config namespace
-    return data, model, config, training
+        elif action.dest in MODULE_LISTS:  # HfArgumentParser reads `list[str] | str | None` as one string
+            action.nargs = "+"
+    namespace = cli.parse(parser, argv, defaults, ALIASES)
+    for name in MODULE_LISTS:
+        setattr(namespace, name, module_names(getattr(namespace, name)))
+    return cli.to_dataclasses(namespace, ARGUMENT_CLASSES)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise SystemExit(f"cannot read --config {path}: {error}") from error
-    try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        kind = "JSON" if path.suffix == ".json" else "YAML"
-        raise SystemExit(f"--config {path} is not valid {kind}: {error}") from error
-    if not isinstance(values, dict):
-        raise SystemExit(f"--config {path} must hold a mapping of argument names to values")
+def module_names(values: list[str] | str | None) -> list[str] | str | None:
+    """Names or suffixes, except that one value with regex syntax stays a string, which PEFT matches as a regex."""
+    if isinstance(values, list) and len(values) == 1 and re.search(r"[\\^$*+?()\[\]{}|]", values[0]):
+        return values[0]
     return values
 
 

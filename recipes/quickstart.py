@@ -10,14 +10,14 @@ the same on a small timm ViT (random init: no pretrained ViT weights exist offli
 
 from __future__ import annotations
 
-import argparse
-from typing import ClassVar
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from hyperlora import HyperLoraConfig
+from hyperlora import HyperLoraConfig, cli
 from hyperlora.data import IMAGENET_MEAN, IMAGENET_STD, Task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 
@@ -94,29 +94,31 @@ def build_backbone(kind: str) -> tuple[nn.Module, HyperLoraConfig, int]:
     return vit, HyperLoraConfig(r=8, lora_alpha=16, beta_reg=BETA_REG), 32
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/quickstart")
-    parser.add_argument("--backbone", choices=["efficientnet", "vit"], default="efficientnet")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_epochs", type=int, default=2)
-    parser.add_argument("--per_class", type=int, default=250, help="images kept per class (80%% train, 20%% test)")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--resume", action="store_true")
-    cli = parser.parse_args(argv)
+@dataclass
+class QuickstartArguments:
+    backbone: Literal["efficientnet", "vit"] = "efficientnet"
+    per_class: int = field(default=250, metadata={"help": "Images kept per class (80%% train, 20%% test)."})
 
-    torch.manual_seed(cli.seed)
-    backbone, config, image_size = build_backbone(cli.backbone)
-    args = ContinualTrainingArguments(
-        output_dir=cli.output_dir,
-        num_train_epochs=cli.num_epochs,
-        per_device_train_batch_size=32,
-        learning_rate=cli.learning_rate,
-        seed=cli.seed,
-        image_size=image_size,
-        resume_from_checkpoint=cli.resume,
+
+DEFAULTS = {"output_dir": "outputs/quickstart"}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[QuickstartArguments, ContinualTrainingArguments]:
+    """Every field of QuickstartArguments and ContinualTrainingArguments is a flag and a ``--config`` key."""
+    from transformers import HfArgumentParser
+
+    types = (QuickstartArguments, ContinualTrainingArguments)
+    return cli.to_dataclasses(
+        cli.parse(HfArgumentParser(types, description=__doc__), argv, DEFAULTS, cli.TRAINING_ALIASES), types
     )
-    return ContinualTrainer(backbone, config, args).fit(build_tasks(cli.seed, cli.per_class))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    quickstart, args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    backbone, config, image_size = build_backbone(quickstart.backbone)
+    args = replace(args, image_size=args.image_size or image_size)
+    return ContinualTrainer(backbone, config, args).fit(build_tasks(args.seed, quickstart.per_class))
 
 
 if __name__ == "__main__":

@@ -232,15 +232,15 @@ def test_resume_reads_finished_seeds_back_and_trains_the_missing_one(split_folde
 
 
 def test_accuracy_benchmark_runs_every_method_on_the_imagenet_r_protocol(flat_folder, tmp_path):
-    """benchmarks/accuracy.py --dataset imagenet_r: the recipe's data path and split, every method, one report."""
+    """benchmarks/accuracy.py --benchmark imagenet_r: the recipe's data path and split, every method, one report."""
     sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
     import accuracy
 
     out = tmp_path / "accuracy"
     model_kwargs = '{"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}'
-    argv = ["--dataset", "imagenet_r", "--data_path", str(flat_folder), "--cache_dir", str(tmp_path / "cache"),
-            "--num_tasks", "2", "--seeds", "0", "--epochs", "1", "--batch_size", "8",
-            "--model", "vit_tiny_patch16_224", "--no_pretrained", "--model_kwargs", model_kwargs,
+    argv = ["--benchmark", "imagenet_r", "--dataset_name", str(flat_folder), "--cache_dir", str(tmp_path / "cache"),
+            "--num_tasks", "2", "--seeds", "0", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
+            "--model_name_or_path", "vit_tiny_patch16_224", "--no_pretrained", "--model_kwargs", model_kwargs,
             "--output_dir", str(out)]  # fmt: skip
     accuracy.main(argv)
 
@@ -260,7 +260,7 @@ def test_accuracy_benchmark_runs_every_method_on_the_imagenet_r_protocol(flat_fo
 
     # runs made apart combine only under the same budget
     with pytest.raises(SystemExit, match="budget"):
-        accuracy.main(["--dataset", "imagenet_r", "--merge", str(out / "accuracy.json"), "--epochs", "3",
+        accuracy.main(["--benchmark", "imagenet_r", "--merge", str(out / "accuracy.json"), "--num_train_epochs", "3",
                        "--output_dir", str(tmp_path / "merged")])  # fmt: skip
 
 
