@@ -138,9 +138,10 @@ def load_tasks(data: DataArguments) -> tuple[list[Task], dict[str, Any]]:
         label_column=data.label_column,
         cache_dir=data.cache_dir,
     )
-    train, test, split = train_test_split(
-        splits, data.train_split, data.test_split, data.test_fraction, data.split_seed
-    )
+    train_split, test_split = data.train_split, data.test_split
+    if Path(data.dataset_name).expanduser().is_dir() and {"train", "test"} <= set(splits):
+        train_split, test_split = "train", "test"  # a folder's own split, whatever the recipe says of its Hub copy
+    train, test, split = train_test_split(splits, train_split, test_split, data.test_fraction, data.split_seed)
     order = class_order(sorted(set(train["label"])), data.class_order_seed, data.class_order)
     tasks = split_into_tasks(
         train, test, data.num_tasks, order, max_train_per_class=data.max_train_per_class, seed=data.split_seed

@@ -161,6 +161,41 @@ def test_wrong_columns_and_uneven_tasks_are_named(tmp_path, split_folder):
     assert standardise_columns(wnids, "image", "wnid")["test"]["label"] == [1, 0, 1]
 
 
+@pytest.fixture(scope="module")
+def disjoint_folder(tmp_path_factory) -> Path:
+    """train/ with 4 classes; test/ with other images of them and of a fifth class that train/ lacks."""
+    root = tmp_path_factory.mktemp("disjoint") / "images"
+    write_image_folder(root / "train", num_classes=4, per_class=6, seed=3)
+    write_image_folder(root / "test", num_classes=5, per_class=3, seed=4)
+    return root
+
+
+def test_a_folders_train_and_test_are_used_whatever_the_recipe_says(disjoint_folder, tmp_path, monkeypatch):
+    """imagenet_r's defaults (train_split "test", no test split) describe its Hub copy, not a local folder."""
+    from datasets import Image
+
+    from hyperlora.trainer import ContinualTrainer
+
+    trained, fit = [], ContinualTrainer.fit
+
+    def spy(self, tasks):
+        for task in tasks:
+            trained.extend(
+                Path(x["path"]).resolve() for x in task.train.cast_column("image", Image(decode=False))["image"]
+            )
+        return fit(self, tasks)
+
+    monkeypatch.setattr(ContinualTrainer, "fit", spy)
+    out = tmp_path / "run"
+    argv = ["--dataset_name", str(disjoint_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    common.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1"])
+
+    protocol = read(out / "protocol.json")
+    assert protocol["split"] == {"train_split": "train", "test_split": "test"}
+    assert sorted(trained) == sorted(p.resolve() for p in (disjoint_folder / "train").rglob("*.png"))
+    assert [(task["train"], task["test"]) for task in protocol["tasks"]] == [(12, 6), (12, 6)]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
