@@ -30,16 +30,43 @@ def load_image_dataset(
 
     A local directory is read as an ``imagefolder`` (one sub-folder per class, optionally under train/ and test/;
     its columns are always image and label); anything else is a Hub dataset id. String labels (e.g. WordNet ids)
-    are encoded to integers in sorted order.
+    are encoded to integers in sorted order. A source that can only be a path (``./data6``, ``/data/x``, or
+    ``data/x`` where ``data/`` is a local folder) and does not exist is refused without asking the Hub.
     """
     from datasets import load_dataset
 
-    if Path(source).is_dir():
-        splits = load_dataset("imagefolder", data_dir=source, cache_dir=cache_dir)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        splits = load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+        if "label" not in next(iter(splits.values())).column_names:  # imagefolder labels only two or more folders
+            raise ValueError(
+                f"{source} has no classes to learn: put its images in one sub-folder per class (two or more), "
+                "optionally under train/ and test/"
+            )
         image_column, label_column = "image", "label"
+    elif _is_path(source):
+        raise FileNotFoundError(
+            f"{source}: {path.absolute()} {'is not a folder' if path.exists() else 'does not exist'}"
+        )
     else:
-        splits = load_dataset(source, name, revision=revision, cache_dir=cache_dir)
+        try:
+            splits = load_dataset(source, name, revision=revision, cache_dir=cache_dir)
+        except (ConnectionError, FileNotFoundError) as error:  # the Hub's DatasetNotFoundError is a FileNotFoundError
+            raise FileNotFoundError(
+                f"{source}: {path.absolute()} does not exist, and the Hub did not give the dataset: {error}"
+            ) from error
     return standardise_columns(splits, image_column, label_column, source=source)
+
+
+def _is_path(source: str) -> bool:
+    """Whether ``source`` can only mean a local path: not a Hub id, or a Hub-like id whose first part is local."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return Path(source).exists() or ("/" in source and Path(source.split("/")[0]).is_dir())
 
 
 def standardise_columns(splits, image_column: str, label_column: str, *, source: str = "the dataset"):

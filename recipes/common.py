@@ -162,6 +162,26 @@ def load_tasks(data: DataArguments) -> tuple[list[Task], dict[str, Any]]:
     return tasks, protocol
 
 
+def check_same_run(output_dir: Path, protocol: dict[str, Any], model_args: ModelArguments) -> None:
+    """Refuse to resume a run made on other data (class order, split, sizes) or another backbone: the checkpoints
+    record task names and training arguments, which do not show either. The dataset's path may change."""
+    differences = []
+    if (output_dir / "protocol.json").exists():
+        recorded, current = json.loads((output_dir / "protocol.json").read_text()), json.loads(json.dumps(protocol))
+        differences += [
+            f"protocol.json {key}" for key in current if key != "dataset" and recorded.get(key) != current[key]
+        ]
+    if (output_dir / "arguments.yaml").exists():
+        recorded = yaml.safe_load((output_dir / "arguments.yaml").read_text())
+        differences += [
+            f"{f.name}: {recorded.get(f.name)!r} recorded, {getattr(model_args, f.name)!r} now"
+            for f in fields(ModelArguments)
+            if f.name != "num_seeds" and recorded.get(f.name) != getattr(model_args, f.name)
+        ]
+    if differences:
+        raise ValueError(f"cannot resume the run in {output_dir}, made differently: {'; '.join(differences)}")
+
+
 def run(defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
     """Run a recipe: every seed in turn (each resumable), then the mean/std summary. Returns the summary."""
     import torch
@@ -178,23 +198,34 @@ def run(defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, An
     everything = arguments_dict(data, model_args, config, training)
     if state.is_main_process:
         print(yaml.safe_dump(everything, sort_keys=False), flush=True)
+
+    # Everything that can refuse the run (the data, the target modules, a resume into an incompatible run) is
+    # checked before anything is written: a refused run leaves the output folder as it was.
+    seeds = list(range(training.seed, training.seed + model_args.num_seeds))
+    trainers = []
+    try:
+        with state.main_process_first():  # one process fills the datasets cache, the others read it
+            tasks, protocol = load_tasks(data)
+        if training.resume_from_checkpoint:
+            check_same_run(output_dir, protocol, model_args)
+        for seed in seeds:
+            torch.manual_seed(seed)
+            seed_args = replace(training, seed=seed, output_dir=str(output_dir / f"seed-{seed}"))
+            # a fresh config per run: get_peft_model records the base model on the one it is given
+            seed_config = HyperLoraConfig(**everything["HyperLoraConfig"])
+            trainers.append(ContinualTrainer(model_args.create_model(), seed_config, seed_args))
+            trainers[-1].check_resume(tasks)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+    if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         flat = {key: value for group in everything.values() for key, value in group.items()}
         atomic_write_text(output_dir / "arguments.yaml", yaml.safe_dump(flat, sort_keys=False))
-
-    with state.main_process_first():  # one process fills the datasets cache, the others read it
-        tasks, protocol = load_tasks(data)
-    if state.is_main_process:
         atomic_write_json(output_dir / "protocol.json", protocol)
-
-    seeds = list(range(training.seed, training.seed + model_args.num_seeds))
     runs = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        seed_args = replace(training, seed=seed, output_dir=str(output_dir / f"seed-{seed}"))
-        # a fresh config per run: get_peft_model records the base model on the one it is given
-        seed_config = HyperLoraConfig(**everything["HyperLoraConfig"])
-        runs.append(ContinualTrainer(model_args.create_model(), seed_config, seed_args).fit(tasks))
+    while trainers:  # each run's model is released once it is done
+        runs.append(trainers.pop(0).fit(tasks))
 
     summary = {"seeds": seeds, **summarise_runs(runs)}
     if state.is_main_process:

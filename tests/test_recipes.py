@@ -196,6 +196,58 @@ def test_a_folders_train_and_test_are_used_whatever_the_recipe_says(disjoint_fol
     assert [(task["train"], task["test"]) for task in protocol["tasks"]] == [(12, 6), (12, 6)]
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_resume_or_rerun_leaves_the_run_as_it_was(split_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--dataset_name", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    argv += [*TINY, "--num_tasks", "2", "--num_seeds", "1"]
+    common.run(cifar100.DEFAULTS, argv)
+    before = snapshot(out)
+    assert {"arguments.yaml", "protocol.json"} <= set(before)
+    deeper = TINY[TINY.index("--model_kwargs") + 1].replace('"depth": 1', '"depth": 2')
+    resume = "--resume_from_checkpoint"
+    refusals = [
+        (["--num_tasks", "1", resume], "protocol.json tasks"),
+        (["--r", "3", resume], "HyperLoraConfig.r: 2 in the checkpoint, 3 now"),
+        (["--learning_rate", "0.5", resume], "learning_rate: 0.001 in the checkpoint, 0.5 now"),
+        (["--class_order_seed", "7", resume], "protocol.json class_order"),  # the same task names, other classes
+        (["--model_kwargs", deeper, resume], "model_kwargs: .* recorded"),
+        ([], "overwrite_output_dir"),  # a fresh run into a folder holding checkpoints
+    ]
+    for change, named in refusals:
+        with pytest.raises(SystemExit, match=named):
+            common.run(cifar100.DEFAULTS, [*argv, *change])
+        assert snapshot(out) == before, change
+
+
+def test_bad_data_and_targets_are_one_line_errors_that_write_nothing(split_folder, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the Hub answers at once, offline
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    one_class = write_image_folder(tmp_path / "one-class", num_classes=1, per_class=3)
+    out = tmp_path / "run"
+    cases = [
+        ([str(one_class)], "one-class has no classes to learn: put its images in one sub-folder per class"),
+        ([str(tmp_path / "data6")], "data6 does not exist$"),
+        (["data/imagenet-r"], "data/imagenet-r does not exist$"),  # data/ is here: a path, not a Hub id
+        (["data6"], "data6 does not exist, and the Hub did not give the dataset: Couldn't reach 'data6'"),
+        (["uoft-cs/cifar100"], "Couldn't reach 'uoft-cs/cifar100' on the Hub"),  # a Hub id is still one
+        ([str(split_folder), "--target_modules", "no_such_module"], "no_such_module"),
+    ]
+    for (dataset, *extra), message in cases:
+        argv = ["--dataset_name", dataset, *extra, "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+        with pytest.raises(SystemExit, match=message) as refused:
+            common.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2"])
+        assert "\n" not in str(refused.value) and not out.exists(), dataset
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
