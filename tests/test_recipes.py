@@ -196,6 +196,20 @@ def test_a_folders_train_and_test_are_used_whatever_the_recipe_says(disjoint_fol
     assert [(task["train"], task["test"]) for task in protocol["tasks"]] == [(12, 6), (12, 6)]
 
 
+def test_report_to_tensorboard_writes_each_seeds_events_under_the_output_folder(split_folder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["--dataset_name", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    common.run(cifar100.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1", "--report_to", "tensorboard"])
+    (events,) = (out / "seed-0" / "hyperlora").glob("events.out.tfevents.*")
+    logged = EventAccumulator(str(events)).Reload()
+    assert [e.value for e in logged.Scalars("eval/task_il_accuracy")] == pytest.approx(
+        [np.nanmean(row[: t + 1]) for t, row in enumerate(read(out / "seed-0" / "metrics.json")["accuracy_matrix"])]
+    )
+    assert len(logged.Scalars("train/loss")) == 2  # the last step of each task (2 steps, logging_steps 20)
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
