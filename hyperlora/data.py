@@ -133,5 +133,8 @@ def pooled_features(output) -> torch.Tensor:
         return output
     hidden = getattr(output, "last_hidden_state", None)
     if hidden is None:
-        raise TypeError(f"cannot read pooled features from a {type(output).__name__}")
+        raise TypeError(
+            f"cannot read pooled features from a {type(output).__name__}: the backbone must return features, as a "
+            "transformers base model (ViTModel, not ViTForImageClassification) or a timm model with num_classes=0 do"
+        )
     return hidden[:, 0]

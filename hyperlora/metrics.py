@@ -9,11 +9,14 @@ import numpy as np
 METRIC_KEYS = ("faa", "daa", "avg_incremental_accuracy", "forgetting", "bwt", "fwt")
 
 
-def continual_metrics(accuracy_matrix, baseline: Sequence[float] | None = None) -> dict[str, float | None]:
+def continual_metrics(
+    accuracy_matrix, baseline: Sequence[float] | None = None, start: Sequence[float] | None = None
+) -> dict[str, float | None]:
     """FAA, DAA, average incremental accuracy, forgetting, BWT and FWT, as plain floats (None where undefined).
 
-    Only the lower triangle (with the diagonal) must be filled; FWT also reads R[j-1][j] and needs ``baseline``,
-    the accuracy b_j of the untrained task-j model.
+    Only the lower triangle (with the diagonal) must be filled. FWT needs ``baseline``, the accuracy b_j of the
+    untrained task-j model, and the accuracy on task j of the model after task j-1: ``start[j]`` when given (for a
+    matrix that holds seen tasks only), else R[j-1][j].
     """
     R = np.asarray(accuracy_matrix, dtype=np.float64)
     if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] == 0:
@@ -38,7 +41,10 @@ def continual_metrics(accuracy_matrix, baseline: Sequence[float] | None = None) 
         b = np.asarray(baseline, dtype=np.float64)
         if b.shape != (T,):
             raise ValueError(f"baseline must have one entry per task ({T}), got shape {b.shape}")
-        transfer = [R[j - 1, j] - b[j] for j in range(1, T)]
+        a = np.asarray([np.nan] + [R[j - 1, j] for j in range(1, T)] if start is None else start, dtype=np.float64)
+        if a.shape != (T,):
+            raise ValueError(f"start must have one entry per task ({T}), got shape {a.shape}")
+        transfer = [a[j] - b[j] for j in range(1, T)]
         if np.isfinite(transfer).all():
             results["fwt"] = float(np.mean(transfer))
     return results

@@ -141,17 +141,6 @@ class ContinualTrainer:
         args: ContinualTrainingArguments | None = None,
     ) -> None:
         self.args = args or ContinualTrainingArguments()
-        if isinstance(model, PeftModel):
-            model_config = model.peft_config[model.active_adapter]
-            if not isinstance(model_config, HyperLoraConfig):
-                raise TypeError(f"the model carries a {type(model_config).__name__}, not a HyperLoraConfig")
-            if config is not None and config.to_dict() != model_config.to_dict():
-                raise ValueError("config differs from the config of the HyperLoRA model passed in: pass one of them")
-            self.model, self.config = model, model_config
-        else:
-            if config is None:
-                raise ValueError("pass a HyperLoraConfig with a base model (or a model from get_peft_model)")
-            self.model, self.config = get_peft_model(model, config), config
         self.accelerator = Accelerator(
             mixed_precision=self.args.mixed_precision,
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,
@@ -159,6 +148,19 @@ class ContinualTrainer:
             project_dir=self.args.output_dir,
         )
         _check_process_group(self.accelerator.num_processes)
+        if isinstance(model, PeftModel):
+            model_config = model.peft_config[model.active_adapter]
+            if not isinstance(model_config, HyperLoraConfig):
+                raise TypeError(f"the model carries a {type(model_config).__name__}, not a HyperLoraConfig")
+            if config is not None and config.to_dict() != model_config.to_dict():
+                raise ValueError("config differs from the config of the HyperLoRA model passed in: pass one of them")
+            _feature_extractor(model.get_base_model(), wrapped=True)
+            self.model, self.config = model, model_config
+        else:
+            if config is None:
+                raise ValueError("pass a HyperLoraConfig with a base model (or a model from get_peft_model)")
+            set_seed(self.args.seed)  # the hypernetwork's initialisation is part of the run the seed fixes
+            self.model, self.config = get_peft_model(_feature_extractor(model), config), config
         # Eval mode except inside _train_task: the backbone is frozen, and a forward in train mode would still
         # update its BatchNorm statistics (a model is usually passed in as built, in train mode).
         self.model.to(self.accelerator.device).eval()
@@ -287,7 +289,7 @@ class ContinualTrainer:
         config, dim = self.config, self.config.task_embedding_dim
         hypernet = self.model.base_model.hypernet
         if t == 0:
-            embedding, _ = fit_h_embedding(np.zeros((0, dim)), np.zeros(0), dim=dim, seed=self.args.seed)
+            embedding = fit_h_embedding(np.zeros((0, dim)), np.zeros(0), dim=dim, seed=self.args.seed).embedding
             return self._add_task(embedding)
         task = tasks[t]
         generator = torch.Generator().manual_seed(self.args.seed + t)
@@ -299,11 +301,11 @@ class ContinualTrainer:
             scores.append(h_score(features, labels, shrinkage=config.h_score_shrinkage))
         state["h_scores"][t][:t] = scores
         old = hypernet.stacked_task_embeddings().detach().cpu().numpy()
-        distances = target_distances(np.asarray(scores), old, normalisation=config.normalisation)
-        if distances is None:
+        targets = target_distances(np.asarray(scores), old, normalisation=config.normalisation)
+        if targets is None:
             return self._add_task(None)
-        embedding, gamma = fit_h_embedding(
-            old, distances, steps=config.h_embedding_steps, seed=self.args.seed + t, dim=dim
+        embedding, gamma, _ = fit_h_embedding(
+            old, targets.distances, steps=config.h_embedding_steps, seed=self.args.seed + t, dim=dim
         )
         state["gamma"][t] = float(gamma)
         return self._add_task(embedding)
@@ -466,7 +468,6 @@ class ContinualTrainer:
             means = torch.stack([train_features[train_labels == c].mean(0) for c in range(task.num_classes)])
             predicted = torch.cdist(test_features.float(), means.float()).argmin(-1)
             state[key][t + 1] = (predicted == test_labels).float().mean().item()
-        state["task_il"][t][t + 1] = state["fwt_start"][t + 1]
 
     def _report_task(self, t: int, tasks: Sequence[Task], state: dict) -> float:
         """Task t's results to the trackers and as a log line; returns its task-IL accuracy over the seen tasks."""
@@ -615,10 +616,13 @@ class ContinualTrainer:
         return saved
 
     def _results(self, tasks: Sequence[Task], state: dict) -> dict[str, Any]:
-        til = np.array(state["task_il"], dtype=float)
+        # Accuracies of seen tasks only: the FWT probe's nearest-class-mean accuracy of task t+1 (which checkpoints of
+        # older versions kept at R[t][t+1]) is no head's accuracy; FWT reads it from fwt_start.
+        til = [[v if j <= i else math.nan for j, v in enumerate(row)] for i, row in enumerate(state["task_il"])]
         cil = np.array(state["class_il"], dtype=float)
-        results = continual_metrics(til, baseline=state["fwt_baseline"] if len(tasks) > 1 else None)
-        results["accuracy_matrix"] = state["task_il"]
+        baseline = state["fwt_baseline"] if len(tasks) > 1 else None
+        results = continual_metrics(til, baseline=baseline, start=state["fwt_start"])
+        results["accuracy_matrix"] = til
         class_il = continual_metrics(np.where(np.tril(np.ones_like(cil)) > 0, cil, np.nan))
         class_il["fwt"] = None  # a class-incremental model has no head for a task it has not seen
         class_il["accuracy_matrix"] = state["class_il"]
@@ -630,6 +634,7 @@ class ContinualTrainer:
         results.update(
             task_names=state["task_names"],
             h_scores=state["h_scores"],
+            fwt_start=state["fwt_start"],
             fwt_baseline=state["fwt_baseline"],
             evaluated_samples=state["evaluated_samples"],
             timings=state["timings"],
@@ -650,7 +655,10 @@ class ContinualTrainer:
         if self.args.plots:
             names = state["task_names"]
             plots.plot_accuracy_matrix(
-                state["task_il"], out / "accuracy_matrix.png", title="Task-incremental accuracy", task_names=names
+                results["accuracy_matrix"],
+                out / "accuracy_matrix.png",
+                title="Task-incremental accuracy",
+                task_names=names,
             )
             plots.plot_accuracy_matrix(
                 state["class_il"],
@@ -683,6 +691,26 @@ class _OnDevice:
     def __iter__(self):
         for pixel_values, labels in self.loader:
             yield pixel_values.to(self.device), labels.to(self.device)
+
+
+def _feature_extractor(model: nn.Module, wrapped: bool = False) -> nn.Module:
+    """The model whose forward returns features. Of a transformers model with a task head (ViTForImageClassification)
+    that is its base model (ViTModel): every task gets a head of its own. A timm classifier returns logits: refused."""
+    base = getattr(model, "base_model", model)  # transformers' base model: the model without its task head
+    if getattr(model, "base_model_prefix", None) and base is not model:
+        if wrapped:
+            raise TypeError(
+                f"the HyperLoRA model wraps a {type(model).__name__}, whose forward returns its task head's logits, "
+                f"not features: wrap its base model instead (get_peft_model(model.{model.base_model_prefix}, "
+                "config)), or pass the unwrapped model and a HyperLoraConfig"
+            )
+        return base
+    if getattr(model, "num_classes", 0) and hasattr(model, "reset_classifier"):
+        raise TypeError(
+            f"this timm model has a {model.num_classes}-class classifier, so it returns logits, not features: "
+            "create it with num_classes=0 (or call model.reset_classifier(0))"
+        )
+    return model
 
 
 def _check_process_group(num_processes: int) -> None:

@@ -36,6 +36,14 @@ def test_fwt_needs_a_baseline_and_the_entries_above_the_diagonal():
     assert continual_metrics(missing, baseline=[0, 0, 0])["fwt"] is None
 
 
+def test_fwt_from_start_values_when_the_matrix_holds_seen_tasks_only():
+    seen_only = np.where(np.tril(np.ones((3, 3))) > 0, np.array(R), NAN)
+    m = continual_metrics(seen_only, baseline=[0.1, 0.2, 0.4], start=[NAN, 0.3, 0.5])
+    assert m == continual_metrics(R, baseline=[0.1, 0.2, 0.4])
+    with pytest.raises(ValueError, match="start must have one entry per task"):
+        continual_metrics(seen_only, baseline=[0.1, 0.2, 0.4], start=[0.3, 0.5])
+
+
 def test_single_task():
     m = continual_metrics([[0.75]])
     assert m == {

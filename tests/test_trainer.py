@@ -100,6 +100,10 @@ def test_fit_writes_metrics_artifacts_and_plots(tmp_path, tasks):
     matrix = np.array(written["accuracy_matrix"], dtype=float)
     assert matrix.shape == (3, 3)
     assert np.all(np.isfinite(np.diag(matrix))) and np.all(matrix[np.tril_indices(3)] >= 0)
+    # no accuracy of an unseen task: the FWT probe's values are kept apart, and FWT is computed from them
+    assert np.isnan(matrix[np.triu_indices(3, k=1)]).all()
+    start, baseline = written["fwt_start"], written["fwt_baseline"]
+    assert math.isclose(written["fwt"], np.mean([start[j] - baseline[j] for j in (1, 2)]), rel_tol=1e-9)
     assert math.isclose(written["faa"], float(np.mean(matrix[-1])), rel_tol=1e-9)
     assert math.isclose(results["faa"], written["faa"])
     h = np.array(written["h_scores"], dtype=float)
@@ -293,3 +297,47 @@ def test_without_a_terminal_progress_is_printed_as_log_lines(tmp_path, tasks, ca
         assert line.startswith(f"task {t} (t{t}) done, {t + 1} of 2: task-IL accuracy {til:.4f} over the seen tasks")
         assert f"class-IL {cil:.4f}" in line and re.search(r"h-embedding [\d.]+s, train [\d.]+s, eval [\d.]+s$", line)
     assert lines.index(steps[-1]) < lines.index(done[-1])  # in order, as they happen
+
+
+def test_seed_fixes_the_hypernetwork_initialisation_whatever_ran_before(tmp_path, tasks):
+    adapters = []
+    for global_seed in (1, 2):
+        model = build_bn_cnn()
+        torch.manual_seed(global_seed)  # what ran before in the process
+        torch.rand(global_seed)
+        trainer = ContinualTrainer(model, config(target_modules=BN_CNN_TARGETS), arguments(tmp_path / str(global_seed)))
+        initial = {k: v.clone() for k, v in trainer.model.base_model.hypernet.state_dict().items()}
+        trainer.fit(tasks[:1])
+        adapter = tmp_path / str(global_seed) / "final" / "adapter" / "adapter_model.safetensors"
+        adapters.append((initial, adapter.read_bytes()))
+    (first, first_adapter), (second, second_adapter) = adapters
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert first_adapter == second_adapter
+    other = ContinualTrainer(build_bn_cnn(), config(target_modules=BN_CNN_TARGETS), arguments(tmp_path, seed=4))
+    assert any(not torch.equal(v, first[k]) for k, v in other.model.base_model.hypernet.state_dict().items())
+
+
+def _hf_classifier():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    options = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32)
+    return ViTForImageClassification(ViTConfig(**options, patch_size=8, num_labels=7))
+
+
+def test_a_transformers_model_with_a_task_head_is_trained_through_its_base_model(tmp_path, tasks):
+    classifier = _hf_classifier()
+    trainer = ContinualTrainer(classifier, config(), arguments(tmp_path))
+    assert trainer.model.get_base_model() is classifier.vit  # features, not the 7 logits of its head
+    results = trainer.fit(tasks[:1])
+    assert 0.0 <= results["accuracy_matrix"][0][0] <= 1.0
+
+
+def test_models_that_return_logits_are_refused_saying_what_to_pass():
+    from peft import get_peft_model
+
+    with pytest.raises(TypeError, match=r"wrap its base model instead \(get_peft_model\(model.vit, config\)\)"):
+        ContinualTrainer(get_peft_model(_hf_classifier(), config()))
+    timm_classifier = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=1)
+    with pytest.raises(TypeError, match=r"5-class classifier.*num_classes=0"):
+        ContinualTrainer(timm_classifier, config())
