@@ -23,6 +23,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere os.umask is the only way to read it, by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def staging_directory(parent: Path, name: str) -> Path:
+    """A new hidden ``.NAME.XXXX.tmp`` folder in ``parent`` to be renamed into place, with the permissions mkdir
+    would give it (mkdtemp's are 0700: the published folder would be private)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 def _jsonable(value: Any) -> Any:
     """NaN and Inf become null: strict JSON readers reject them."""
     if isinstance(value, float):
@@ -40,6 +61,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~umask())  # as open() would create it, not mkstemp's 0600
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -59,11 +81,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = staging_directory(path.parent, path.name)
     try:
         yield tmp
+        mode = 0o666 & ~umask()
         for file in tmp.rglob("*"):
             if file.is_file():
+                file.chmod(mode)  # safetensors writes 0600 whatever the umask
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
         if path.exists():

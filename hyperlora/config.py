@@ -13,6 +13,8 @@ import safetensors
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+from .checkpoint import umask
+
 PEFT_TYPE = "HYPERLORA"
 
 Normalisation = Literal["ahp", "minmax", "none"]
@@ -150,6 +152,9 @@ class HyperLoraConfig(PeftConfig):
         from_pretrained refuses a truncated or altered file by name instead of loading different weights."""
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
+        for name in _WEIGHTS_FILES:  # safetensors writes 0600: the umask's permissions, as for the other files
+            if (folder / name).is_file():
+                (folder / name).chmod(0o666 & ~umask())
         digests = {name: _sha256(folder / name) for name in _WEIGHTS_FILES if (folder / name).is_file()}
         if digests:
             saved = json.loads((folder / CONFIG_NAME).read_text())

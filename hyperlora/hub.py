@@ -41,7 +41,7 @@ from huggingface_hub.errors import (
 )
 from torch import nn
 
-from .checkpoint import fsync_dir
+from .checkpoint import fsync_dir, staging_directory
 from .config import PEFT_TYPE
 from .model import HyperLoraModel
 
@@ -211,7 +211,7 @@ class TaskEmbeddings:
             raise NotADirectoryError(f"{target} exists and is not a directory")
         files = self._serialise()
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        staging = staging_directory(target.parent, target.name)
         try:
             for name in (EMBEDDINGS_FILE, README_FILE, CONFIG_FILE):
                 _write_file(staging / name, files[name])

@@ -784,3 +784,30 @@ def test_local_task_embeddings_loader_ignores_other_files(tmp_path: Path) -> Non
     (folder / "evil.pkl").write_bytes(b"\x80\x04not a pickle that anyone should load")
     (folder / "link.json").symlink_to(tmp_path / "nowhere.json")
     assert TaskEmbeddings.from_pretrained(folder).num_tasks == 1
+
+
+# --- file permissions ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_and_folders_have_the_permissions_the_umask_gives(tmp_path: Path, umask: int) -> None:
+    """The atomic writers stage in mkstemp/mkdtemp names, which are private (0600/0700) whatever the umask."""
+    import os
+    import stat
+
+    from hyperlora.checkpoint import atomic_directory, atomic_write_json
+
+    previous = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "metrics.json", {"faa": 1.0})
+        with atomic_directory(tmp_path / "final") as staging:
+            trained_cnn(1).save_pretrained(staging / "adapter")
+        trained_cnn(1).save_pretrained(tmp_path / "adapter")  # PEFT's own save (safetensors writes 0600)
+        TaskEmbeddings.from_model(trained_cnn(1)).save_pretrained(tmp_path / "te")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "metrics.json", tmp_path / "final", tmp_path / "te", *(tmp_path / "adapter").iterdir()]
+    for path in [*written, *(tmp_path / "final").rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "te").iterdir()} == {0o666 & ~umask}
