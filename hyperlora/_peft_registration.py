@@ -1,15 +1,23 @@
-"""Registers HYPERLORA as a PEFT type.
+"""Registers HYPERLORA as a PEFT type, and gives HyperLoRA adapters a model card of their own.
 
 peft 0.21's ``register_peft_method`` accepts only members of its closed ``PeftType`` enum, so the three lookup tables
 it would fill are filled here with the plain string key (``PeftType`` is a ``str`` enum, so string lookups of built-in
-types are unaffected). This touches peft internals: ``tests/test_peft_integration.py`` fails loudly if they move.
+types are unaffected). ``PeftModel`` writes its card in ``create_or_update_model_card`` (from ``save_pretrained``),
+and transformers' ``push_to_hub`` replaces it by a generic transformers card before ``_upload_modified_files``: both
+are wrapped to complete the card of a HyperLoRA adapter, and do what they did for any other. This touches peft
+internals: ``tests/test_peft_integration.py`` fails loudly if they move.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
+from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 from .config import PEFT_TYPE, HyperLoraConfig
+from .hub import README_FILE, write_adapter_card
 from .model import HyperLoraModel
 
 
@@ -17,3 +25,39 @@ def register() -> None:
     PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = HyperLoraConfig
     PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = HyperLoraModel
     PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = HyperLoraModel.prefix
+    if not hasattr(PeftModel.create_or_update_model_card, "__wrapped__"):  # once, even if hyperlora is reloaded
+        PeftModel.create_or_update_model_card = _card_on_save(PeftModel.create_or_update_model_card)
+        PeftModel._upload_modified_files = _card_on_push(PeftModel._upload_modified_files)
+
+
+def _is_hyperlora(model: PeftModel) -> bool:
+    return isinstance(getattr(model, "base_model", None), HyperLoraModel)
+
+
+def _card_on_save(create_or_update_model_card):
+    @functools.wraps(create_or_update_model_card)
+    def wrapper(self: PeftModel, output_dir: str) -> None:
+        fresh = not (Path(output_dir) / README_FILE).exists()
+        create_or_update_model_card(self, output_dir)
+        if _is_hyperlora(self):
+            write_adapter_card(self, output_dir, source=str(output_dir), fresh=fresh)
+
+    return wrapper
+
+
+def _card_on_push(upload_modified_files):
+    @functools.wraps(upload_modified_files)
+    def wrapper(self: PeftModel, working_dir: str, repo_id: str, *args, **kwargs):
+        if _is_hyperlora(self):
+            from huggingface_hub import ModelCard
+
+            # push_to_hub put the repo's own card here or, for a repo without one, a generic transformers card
+            readme = Path(working_dir) / README_FILE
+            fresh = not readme.exists() or ModelCard.load(readme).data.library_name == "transformers"
+            if fresh:
+                readme.unlink(missing_ok=True)
+            PeftModel.create_or_update_model_card.__wrapped__(self, working_dir)
+            write_adapter_card(self, working_dir, source=repo_id, fresh=fresh)
+        return upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
+
+    return wrapper

@@ -199,17 +199,18 @@ class TaskEmbeddings:
 
     # --- local folder --------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike[str], *, repo_id: str | None = None) -> Path:
         """Write the three files into ``directory`` without ever leaving a half-written one behind.
 
         Everything is written and fsynced in a temporary sibling folder first. A new directory is then renamed into
         place whole; into an existing one (an adapter folder, say) each file is moved with an atomic rename, the JSON
-        last since it is what loading reads first. An existing README.md that is not a HyperLoRA card is kept.
+        last since it is what loading reads first. An existing README.md that is not a HyperLoRA card is kept. The
+        card's snippet loads from ``repo_id`` (where the folder will be pushed), else from ``directory``.
         """
         target = Path(directory)
         if target.exists() and not target.is_dir():
             raise NotADirectoryError(f"{target} exists and is not a directory")
-        files = self._serialise()
+        files = self._serialise(repo_id or str(directory))
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = staging_directory(target.parent, target.name)
         try:
@@ -308,7 +309,7 @@ class TaskEmbeddings:
         with _hub_errors(repo_id, token, action="push"), tempfile.TemporaryDirectory(prefix="hyperlora-push-") as tmp:
             api = _api(endpoint, token)
             url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-            folder = self.save_pretrained(Path(tmp) / "upload")
+            folder = self.save_pretrained(Path(tmp) / "upload", repo_id=url.repo_id)
             info = api.upload_folder(
                 repo_id=url.repo_id,
                 folder_path=folder,
@@ -322,7 +323,7 @@ class TaskEmbeddings:
 
     # --- serialisation -------------------------------------------------------------------------------------------
 
-    def _serialise(self) -> dict[str, bytes]:
+    def _serialise(self, source: str) -> dict[str, bytes]:
         tensors = safetensors.torch.save({TENSOR_KEY: self.embeddings}, metadata={"format": "pt"})
         header = {
             "format": FORMAT,
@@ -335,9 +336,9 @@ class TaskEmbeddings:
             "config": self.config,
         }
         text = json.dumps(header, indent=2, allow_nan=False) + "\n"
-        return {EMBEDDINGS_FILE: tensors, CONFIG_FILE: text.encode(), README_FILE: self._model_card().encode()}
+        return {EMBEDDINGS_FILE: tensors, CONFIG_FILE: text.encode(), README_FILE: self._model_card(source).encode()}
 
-    def _model_card(self) -> str:
+    def _model_card(self, source: str) -> str:
         shown = ", ".join(f"`{name}`" for name in self.task_names[:20])
         more = f" and {self.num_tasks - 20} more" if self.num_tasks > 20 else ""
         targets = self.config.get("target_modules")
@@ -347,8 +348,11 @@ class TaskEmbeddings:
             f"{self.num_tasks} task embeddings of size {self.embedding_dim} for a HyperLoRA hypernetwork "
             f"(r={self.config.get('r')}, target modules {targets}). Tasks: {shown}{more}.\n\n"
             "They are not a model on their own: they select LoRA weights from a hypernetwork with matching weights.\n\n"
-            "```python\nfrom hyperlora.hub import TaskEmbeddings\n\n"
-            "TaskEmbeddings.from_pretrained(repo_id).apply_to(peft_model)\n```\n"
+            "```python\nfrom hyperlora.hub import TaskEmbeddings\n\n\n"
+            "def apply_tasks(model):\n"
+            '    """Give `model`, a PeftModel with the HyperLoRA adapter these embeddings belong to, these tasks."""\n'
+            f"    TaskEmbeddings.from_pretrained({source!r}).apply_to(model)\n"
+            "    return model\n```\n"
         )
 
     @classmethod
@@ -378,6 +382,57 @@ class TaskEmbeddings:
             return cls(embeddings, header["task_names"], header["h_scores"], header["config"])
         except ValueError as exc:
             raise ValueError(f"{CONFIG_FILE} in {source} is invalid: {exc}") from None
+
+
+# --- the card of a whole adapter -------------------------------------------------------------------------------------
+
+_ADAPTER_START, _ADAPTER_END = "<!-- hyperlora-adapter -->", "<!-- /hyperlora-adapter -->"
+
+
+def write_adapter_card(model: nn.Module, folder: str | os.PathLike[str], source: str, fresh: bool) -> None:
+    """Complete the card PEFT wrote into ``folder`` for a HyperLoRA adapter (a PeftModel): the ``hyperlora`` tag, the
+    base model when known (``base_model_name_or_path``, a transformers model's name), and how to load it, from
+    ``source``, with ``import hyperlora`` first.
+
+    A ``fresh`` card (PEFT's empty template) becomes HyperLoRA's own; a card someone wrote keeps its text and gets
+    the loading section, replaced on every save.
+    """
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / README_FILE
+    card = ModelCard.load(path)
+    tuner = _tuner(model)
+    config = tuner.peft_config[tuner.active_adapters[0]]
+    base = config.base_model_name_or_path or card.data.base_model  # PEFT's card knows a transformers model's
+    tags = set(card.data.tags or []) | {"hyperlora", "continual-learning"}
+    card.data.library_name = "peft"
+    if base:
+        card.data.base_model = base
+        tags.add(f"base_model:adapter:{base}")
+    card.data.tags = sorted(tags)
+    targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
+    section = (
+        f"{_ADAPTER_START}\n# HyperLoRA adapter\n\n"
+        f"One hypernetwork that generates the LoRA weights (rank {config.r}) of every task, {tuner.hypernet.num_tasks} "
+        f"so far, each from a small task embedding, for the modules {targets}. PEFT knows this adapter type only "
+        "once `hyperlora` is imported; without it, `PeftModel.from_pretrained` raises `KeyError: 'HYPERLORA'`.\n\n"
+        "```python\nimport hyperlora  # noqa: F401  (registers the HYPERLORA type with PEFT)\n"
+        "from peft import PeftModel\n\n\n"
+        "def load(base_model):\n"
+        f'    """base_model: the model the adapter was trained on{f" ({base})" if base else ""}."""\n'
+        f"    return PeftModel.from_pretrained(base_model, {source!r})\n```\n\n"
+        "`model.set_task(i)` selects task i; `model(x, task_ids=ids)` runs one task per sample.\n"
+        f"{_ADAPTER_END}"
+    )
+    heading = "### Framework versions"  # what PEFT's card adds to its template
+    start, end = card.text.find(_ADAPTER_START), card.text.find(_ADAPTER_END)
+    if fresh:
+        card.text = f"{section}\n\n{card.text[card.text.index(heading) :] if heading in card.text else ''}"
+    elif 0 <= start < end:
+        card.text = card.text[:start] + section + card.text[end + len(_ADAPTER_END) :]
+    else:
+        card.text = f"{card.text.rstrip()}\n\n{section}\n"
+    card.save(path)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------------

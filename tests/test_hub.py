@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import timm
 import torch
 from hub_server import HubServer
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi, ModelCard, constants
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -312,6 +313,7 @@ def test_hub_round_trip_and_apply(hub: HubServer, tmp_path: Path) -> None:
     assert info.oid == hub.repos[("model", "alice/tasks")].head.oid
     assert set(hub.files("alice/tasks")) == {".gitattributes", *THREE}
     assert hub.auth_headers and all(h == f"Bearer {TOKEN}" for h in hub.auth_headers)
+    assert "from_pretrained('alice/tasks')" in hub.files("alice/tasks")[README_FILE].decode()
 
     pulled = TaskEmbeddings.from_pretrained("alice/tasks", endpoint=hub.url)
     assert_same(pulled, te)
@@ -344,16 +346,18 @@ def test_private_repo_needs_its_token(hub: HubServer) -> None:
         TaskEmbeddings.from_pretrained("alice/secret", endpoint=hub.url)
 
 
-def test_whole_adapter_through_peft_push_to_hub_and_from_pretrained(
-    hub: HubServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # PeftModel.push_to_hub is transformers' PushToHubMixin: it takes no endpoint and goes through a shared
-    # `transformers.utils.hub.hf_api()` instance (swapped for one on the test server) plus ModelCard.load, which
-    # builds its URL from huggingface_hub.constants.ENDPOINT and HUGGINGFACE_CO_URL_TEMPLATE (both read from
-    # HF_ENDPOINT once, at import: patched here). PeftModel.from_pretrained forwards `endpoint=` only to some of its
-    # hf_hub_download calls (not to the one reading the peft type) and checks for the weights file with the
-    # module-level `huggingface_hub.file_exists`, bound to a global HfApi created at import: its endpoint is patched
-    # too. With these patches both are PEFT's own, unmodified code paths.
+@pytest.fixture
+def default_endpoint(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    """The test server as the Hub of calls that take no endpoint, as a model card's snippet makes them.
+
+    PeftModel.push_to_hub is transformers' PushToHubMixin: it takes no endpoint and goes through a shared
+    `transformers.utils.hub.hf_api()` instance (swapped for one on the test server) plus ModelCard.load, which builds
+    its URL from huggingface_hub.constants.ENDPOINT and HUGGINGFACE_CO_URL_TEMPLATE (both read from HF_ENDPOINT once,
+    at import: patched here). PeftModel.from_pretrained forwards `endpoint=` only to some of its hf_hub_download calls
+    (not to the one reading the peft type) and checks for the weights file with the module-level
+    `huggingface_hub.file_exists`, bound to a global HfApi created at import: its endpoint is patched too. With these
+    patches both are PEFT's own, unmodified code paths.
+    """
     import huggingface_hub.hf_api
     import transformers.utils.hub
 
@@ -363,18 +367,49 @@ def test_whole_adapter_through_peft_push_to_hub_and_from_pretrained(
     monkeypatch.setattr(
         transformers.utils.hub, "_hf_api", HfApi(endpoint=hub.url, library_name="transformers", library_version="5")
     )
+    return hub
 
+
+def fresh_base() -> nn.Module:
+    """The backbone of build_model, as a user who loads an adapter builds it."""
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=1
+    ).eval()
+
+
+def card_snippet(card: ModelCard) -> dict:
+    """Run the card's Python snippet in a namespace of its own (it must need nothing else) and return the namespace."""
+    [code] = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+def check_adapter_card(card: ModelCard, base_model: str, source: str) -> None:
+    assert card.data.library_name == "peft" and card.data.base_model == base_model
+    assert {"hyperlora", f"base_model:adapter:{base_model}"} <= set(card.data.tags)
+    assert "import hyperlora" in card.text and f"from_pretrained(base_model, {source!r})" in card.text
+    assert "transformers model" not in card.text and card.text.count("<!-- hyperlora-adapter -->") == 1
+
+
+BASE_ID = "timm/vit_tiny_patch16_224.augreg_in21k"
+
+
+def test_whole_adapter_through_peft_push_to_hub_and_from_pretrained(default_endpoint: HubServer) -> None:
+    hub = default_endpoint
     source = build_model(3, task_seed=1)
+    source.peft_config["default"].base_model_name_or_path = BASE_ID  # get_peft_model reads no name off timm models
     source.push_to_hub("alice/adapter", token=TOKEN, commit_message="adapter")
     stored = hub.files("alice/adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(stored)
     assert json.loads(stored["adapter_config.json"])["peft_type"] == "HYPERLORA"
+    # PEFT's card, not the generic transformers one push_to_hub writes, and its snippet loads the adapter
+    card = ModelCard(stored["README.md"].decode())
+    check_adapter_card(card, BASE_ID, "alice/adapter")
+    assert_same_lora(source, card_snippet(card)["load"](fresh_base()).eval(), 3)
 
-    torch.manual_seed(0)
-    base = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=1
-    ).eval()
-    loaded = PeftModel.from_pretrained(base, "alice/adapter", token=TOKEN).eval()
+    loaded = PeftModel.from_pretrained(fresh_base(), "alice/adapter", token=TOKEN).eval()
     assert loaded.base_model.hypernet.num_tasks == 3
     assert_same_lora(source, loaded, 3)
 
@@ -389,6 +424,33 @@ def test_whole_adapter_through_peft_push_to_hub_and_from_pretrained(
     assert_same_lora(source, loaded, 3)
     fetched = {path.rsplit("/", 1)[-1] for method, path in hub.requests if "/resolve/" in path}
     assert fetched == {CONFIG_FILE, EMBEDDINGS_FILE}
+
+
+def test_the_task_embeddings_card_snippet_runs_as_written(default_endpoint: HubServer) -> None:
+    source = build_model(3, task_seed=1)
+    sample_embeddings(source).push_to_hub("alice/tasks", token=TOKEN)
+    target = build_model(1, task_seed=42)
+    copy_hypernet_weights(source, target)
+    card = ModelCard(default_endpoint.files("alice/tasks")[README_FILE].decode())
+    assert card_snippet(card)["apply_tasks"](target) is target
+    assert_same_lora(source, target, 3)
+
+
+def test_saved_adapter_card_is_peft_style_keeps_what_its_owner_wrote_and_its_snippet_loads(tmp_path: Path) -> None:
+    source = build_model(3, task_seed=1)
+    source.peft_config["default"].base_model_name_or_path = BASE_ID
+    folder = tmp_path / "adapter"
+    source.save_pretrained(folder)
+    card = ModelCard.load(folder / README_FILE)
+    check_adapter_card(card, BASE_ID, str(folder))
+    assert_same_lora(source, card_snippet(card)["load"](fresh_base()).eval(), 3)
+
+    card.text = "# My adapter\n\nNotes of my own.\n\n" + card.text  # the owner edits the card; saving again keeps it
+    card.save(folder / README_FILE)
+    source.save_pretrained(folder)
+    card = ModelCard.load(folder / README_FILE)
+    check_adapter_card(card, BASE_ID, str(folder))
+    assert card.text.startswith("# My adapter\n\nNotes of my own.")
 
 
 # --- failures: clear errors, nothing left behind ---------------------------------------------------------------------

@@ -100,6 +100,12 @@ def test_base_tuner_still_has_the_hooks_hyperlora_overrides():
     assert "uses_shared_state" in BaseTuner.__dict__
     # PeftModel.forward enters the tuner's _enable_peft_forward_hooks (how task_ids reach the tuner).
     assert hasattr(PeftModel, "_enable_peft_forward_hooks")
+    # The adapter card: PEFT writes it in create_or_update_model_card; push_to_hub replaces it, then uploads with
+    # _upload_modified_files. Both are wrapped, once.
+    for name in ("create_or_update_model_card", "_upload_modified_files"):
+        wrapped = getattr(PeftModel, name)
+        assert wrapped.__code__.co_filename.endswith("_peft_registration.py"), name
+        assert not hasattr(wrapped.__wrapped__, "__wrapped__"), name
 
 
 def test_peft_model_forward_strips_task_ids_before_timm(make_timm_vit, vit_images):
