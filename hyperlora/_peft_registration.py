@@ -1,19 +1,23 @@
-"""Registers HYPERLORA as a PEFT type, and gives HyperLoRA adapters a model card of their own.
+"""Registers HYPERLORA as a PEFT type, names bad adapter_config.json files, and gives HyperLoRA adapters a card.
 
 peft 0.21's ``register_peft_method`` accepts only members of its closed ``PeftType`` enum, so the three lookup tables
 it would fill are filled here with the plain string key (``PeftType`` is a ``str`` enum, so string lookups of built-in
-types are unaffected). ``PeftModel`` writes its card in ``create_or_update_model_card`` (from ``save_pretrained``),
-and transformers' ``push_to_hub`` replaces it by a generic transformers card before ``_upload_modified_files``: both
-are wrapped to complete the card of a HyperLoRA adapter, and do what they did for any other. This touches peft
-internals: ``tests/test_peft_integration.py`` fails loudly if they move.
+types are unaffected). PEFT reads every ``adapter_config.json`` with ``PeftConfigMixin.from_json_file`` before it
+knows the type: that is wrapped so that a file that is not JSON is named in the error. ``PeftModel`` writes its card
+in ``create_or_update_model_card`` (from ``save_pretrained``), and transformers' ``push_to_hub`` replaces it by a
+generic transformers card before ``_upload_modified_files``: both are wrapped to complete the card of a HyperLoRA
+adapter, and do what they did for any other. This touches peft internals: ``tests/test_peft_integration.py`` fails
+loudly if they move.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 from peft import PeftModel
+from peft.config import PeftConfigMixin
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 from .config import PEFT_TYPE, HyperLoraConfig
@@ -28,6 +32,21 @@ def register() -> None:
     if not hasattr(PeftModel.create_or_update_model_card, "__wrapped__"):  # once, even if hyperlora is reloaded
         PeftModel.create_or_update_model_card = _card_on_save(PeftModel.create_or_update_model_card)
         PeftModel._upload_modified_files = _card_on_push(PeftModel._upload_modified_files)
+        PeftConfigMixin.from_json_file = classmethod(_named_json_errors(PeftConfigMixin.from_json_file.__func__))
+
+
+def _named_json_errors(from_json_file):
+    @functools.wraps(from_json_file)
+    def wrapper(cls, path_json_file: str, **kwargs):
+        try:
+            return from_json_file(cls, path_json_file, **kwargs)
+        except json.JSONDecodeError as error:  # the same type, with the file's name: json's own message has none
+            message = f"{path_json_file} is not valid JSON: {error.msg}"
+            raise json.JSONDecodeError(message, error.doc, error.pos) from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path_json_file} is not valid JSON: it is not UTF-8 text") from None
+
+    return wrapper
 
 
 def _is_hyperlora(model: PeftModel) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -42,6 +43,24 @@ def staging_directory(parent: Path, name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~umask())
     return tmp
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def check_sha256(folder: Path, digests: dict[str, str], record: str) -> None:
+    """Refuse, by name, a file of ``folder`` that is missing or differs from the SHA-256 that ``record`` holds."""
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {record} in {folder} was saved together with it")
+        if sha256(path) != digest:
+            raise ValueError(
+                f"{path} does not match the SHA-256 recorded in {record}: it is truncated or corrupted, "
+                "or it comes from a different save"
+            )
 
 
 def _jsonable(value: Any) -> Any:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import re
 from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import safetensors
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-from .checkpoint import umask
+from .checkpoint import check_sha256, sha256, umask
 
 PEFT_TYPE = "HYPERLORA"
 
@@ -118,6 +120,11 @@ class HyperLoraConfig(PeftConfig):
             names_ok = isinstance(value, list | tuple | set) and all(isinstance(v, str) for v in value)
             if not (value is None or names_ok or (isinstance(value, str) and name != "modules_to_save")):
                 raise ValueError(f"HyperLoraConfig.{name} must be None or a list of module names, got {value!r}")
+            if isinstance(value, str):  # one string is a regex (PEFT's reading): a broken one fails here, by name
+                try:
+                    re.compile(value)
+                except re.error as error:
+                    raise ValueError(f"HyperLoraConfig.{name} {value!r} is not a valid regex: {error}") from None
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"HyperLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name in _NON_NEGATIVE_FLOATS:
@@ -155,7 +162,7 @@ class HyperLoraConfig(PeftConfig):
         for name in _WEIGHTS_FILES:  # safetensors writes 0600: the umask's permissions, as for the other files
             if (folder / name).is_file():
                 (folder / name).chmod(0o666 & ~umask())
-        digests = {name: _sha256(folder / name) for name in _WEIGHTS_FILES if (folder / name).is_file()}
+        digests = {name: sha256(folder / name) for name in _WEIGHTS_FILES if (folder / name).is_file()}
         if digests:
             saved = json.loads((folder / CONFIG_NAME).read_text())
             saved[CHECKSUM_KEY] = digests
@@ -165,33 +172,35 @@ class HyperLoraConfig(PeftConfig):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
     ) -> HyperLoraConfig:
-        """PEFT's, plus a check of a local folder's weights file (PeftModel.from_pretrained reads the config first):
-        against the recorded SHA-256, or, for adapters saved without one, that its safetensors header is whole."""
+        """PEFT's, plus a check of the weights file (PeftModel.from_pretrained reads the config first, and injects
+        nothing before): against the recorded SHA-256, or, for a local adapter saved without one, that its
+        safetensors header is whole. From the Hub, the recorded files are downloaded first, into the cache that
+        PeftModel.from_pretrained then loads them from."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = Path(pretrained_model_name_or_path, subfolder or "")
+        digests = config._weights_sha256 or {}
+        if not folder.is_dir() and digests:
+            download_kwargs, _, _ = cls._split_kwargs(kwargs)
+            for name in digests:
+                try:
+                    path = hf_hub_download(
+                        str(pretrained_model_name_or_path), name, subfolder=subfolder, **download_kwargs
+                    )
+                except EntryNotFoundError:
+                    raise FileNotFoundError(
+                        f"{pretrained_model_name_or_path} has no {name}: its {CONFIG_NAME} was saved together with it"
+                    ) from None
+                folder = Path(path).parent
         if folder.is_dir():
-            _check_weights(folder, config._weights_sha256 or {})
+            _check_weights(folder, digests)
         return config
 
 
 _WEIGHTS_FILES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _check_weights(folder: Path, digests: dict[str, str]) -> None:
-    for name, digest in digests.items():
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {CONFIG_NAME} in {folder} was saved together with it")
-        if _sha256(path) != digest:
-            raise ValueError(
-                f"{path} does not match the SHA-256 recorded in {CONFIG_NAME}: it is truncated or corrupted, "
-                "or it comes from a different save"
-            )
+    check_sha256(folder, digests, CONFIG_NAME)
     path = folder / SAFETENSORS_WEIGHTS_NAME
     if SAFETENSORS_WEIGHTS_NAME not in digests and path.is_file():
         try:

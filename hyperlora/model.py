@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -67,6 +68,8 @@ class HyperLoraModel(BaseTuner):
             self.hyperlora_hypernet = nn.ModuleDict()
             self._weight_cache: dict[str, tuple[tuple, HypernetOutput]] = {}
             self._layers: list[HyperLoraLayer] = []
+            # what PEFT is about to freeze, for _restore_base_model
+            self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._num_targets = 0
         super().inject_adapter(model, adapter_name, **kwargs)
 
@@ -138,7 +141,7 @@ class HyperLoraModel(BaseTuner):
     def set_task(self, task_id: int) -> None:
         """Select the task used by forwards without ``task_ids``; only its embedding stays trainable."""
         hypernet = self.hypernet
-        hypernet.active_task = hypernet.check_task(task_id)
+        hypernet.active_task = hypernet.check_task(_scalar_task_id(task_id))
         self._update_trainable()
 
     def generate(self, task_ids: Sequence[int]) -> HypernetOutput:
@@ -239,7 +242,7 @@ class HyperLoraModel(BaseTuner):
     def merge_task(self, task_id: int, safe_merge: bool = False) -> None:
         """Fold a task's generated delta into the base weights (and make it active): inference at the base cost."""
         hypernet = self.hypernet
-        hypernet.check_task(task_id)
+        task_id = hypernet.check_task(_scalar_task_id(task_id))
         self.unmerge()
         with torch.no_grad(), self._task_weights(task_id):
             for layer in self._layers:
@@ -282,6 +285,14 @@ class HyperLoraModel(BaseTuner):
 
     # --- saving and loading --------------------------------------------------------------------------------------
 
+    def _restore_base_model(self) -> None:
+        """Undo the injection, so that a load that fails leaves the caller's base model as it was: its own layers,
+        its requires_grad flags, no ``peft_config`` attribute."""
+        base = self._unload_and_optionally_merge(merge=False)
+        for name, param in base.named_parameters():
+            param.requires_grad_(self._base_requires_grad.get(name, param.requires_grad))
+        base.__dict__.pop("peft_config", None)
+
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         marker = f"{cls.prefix}hypernet.{adapter_name}."
@@ -318,6 +329,8 @@ class HyperLoraModel(BaseTuner):
         ]
         if problems:
             fields = _differing_shape_fields(found, expected, f".{cls.prefix}hypernet.{adapter_name}.")
+            if list(tuner.peft_config) == [adapter_name]:  # PeftModel.from_pretrained injected it just now
+                tuner._restore_base_model()
             raise ValueError(
                 "this HyperLoRA checkpoint does not fit the model: it was saved with a different config "
                 "(r, embedding sizes, hypernet width/depth, target_modules) or base model. "
@@ -355,6 +368,16 @@ def _differing_shape_fields(found: dict, expected: dict, marker: str) -> list[st
     """'key: checkpoint X vs model Y' for every config value the checkpoint's shapes contradict."""
     saved, model = _shape_fields(found, marker), _shape_fields(expected, marker)
     return [f"{k} (checkpoint {saved[k]}, model {model[k]})" for k in saved if k in model and saved[k] != model[k]]
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _scalar_task_id(task_id: Any) -> Any:
+    """A numpy integer or a 0-d integer tensor as the int it holds (as forward's task_ids take them); anything else
+    unchanged, for check_task to accept or refuse."""
+    integer_tensor = isinstance(task_id, torch.Tensor) and task_id.ndim == 0 and task_id.dtype in _INTEGER_DTYPES
+    return int(task_id) if isinstance(task_id, np.integer) or integer_tensor else task_id
 
 
 def _resolve_task_ids(hypernet: HyperNetwork, task_ids: TaskIds) -> tuple[list[int], torch.Tensor | None]:

@@ -27,13 +27,21 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-from peft.utils import CONFIG_NAME, load_peft_weights
+from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import plots
-from .checkpoint import LATEST, atomic_directory, atomic_write_json, latest_checkpoint, publish_checkpoint
+from .checkpoint import (
+    LATEST,
+    atomic_directory,
+    atomic_write_json,
+    check_sha256,
+    latest_checkpoint,
+    publish_checkpoint,
+    sha256,
+)
 from .config import HyperLoraConfig, differing_fields
 from .data import Task, TaskImages, image_spec, pooled_features
 from .embedding import fit_h_embedding, target_distances
@@ -105,6 +113,10 @@ class ContinualTrainingArguments:
             raise ValueError("learning rates must be > 0")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or None, got {self.mixed_precision!r}")
+
+
+# Checkpoint files whose SHA-256 state.json records (the adapter's adapter_config.json records its weights').
+_CHECKED_FILES = ("heads.safetensors", "router.safetensors")
 
 
 class _TaskStep(nn.Module):
@@ -248,7 +260,8 @@ class ContinualTrainer:
         names = [task.name for task in tasks]
         if saved["task_names"] != names:
             differences.append(f"tasks: {saved['task_names']} in the checkpoint, {names} now")
-        saved_config = json.loads((path / "adapter" / CONFIG_NAME).read_text())
+        check_sha256(path, saved.get("sha256", {}), "state.json")
+        saved_config = HyperLoraConfig.from_pretrained(str(path / "adapter")).to_dict()  # checks its SHA-256 too
         differences += [
             f"HyperLoraConfig.{name}: {saved_config.get(name)!r} in the checkpoint, {getattr(self.config, name)!r} now"
             for name in differing_fields(saved_config, self.config)
@@ -581,7 +594,8 @@ class ContinualTrainer:
         if self.accelerator.is_main_process:
             with atomic_directory(root / name) as tmp:
                 self._save_artifacts(tmp)
-                atomic_write_json(tmp / "state.json", state)
+                digests = {file: sha256(tmp / file) for file in _CHECKED_FILES}  # the adapter records its own
+                atomic_write_json(tmp / "state.json", state | {"sha256": digests})
             publish_checkpoint(root, name)
         self.accelerator.wait_for_everyone()
 
@@ -600,6 +614,7 @@ class ContinualTrainer:
         if path is None:
             return state
         saved = json.loads((path / "state.json").read_text())
+        saved.pop("sha256", None)  # check_resume checked the files
         saved["training_arguments"] = state["training_arguments"]  # check_resume accepted the differences
         weights = load_peft_weights(str(path / "adapter"), device=str(self.accelerator.device))
         set_peft_model_state_dict(self.model, weights)

@@ -426,6 +426,17 @@ def test_whole_adapter_through_peft_push_to_hub_and_from_pretrained(default_endp
     assert fetched == {CONFIG_FILE, EMBEDDINGS_FILE}
 
 
+def test_a_damaged_adapter_on_the_hub_is_refused_by_name_before_the_base_model_is_touched(
+    default_endpoint: HubServer,
+) -> None:
+    build_model(3).push_to_hub("alice/adapter", token=TOKEN)
+    default_endpoint.corrupt("alice/adapter", "adapter_model.safetensors", flip_at=-3)  # tensor data: loads fine
+    base = fresh_base()
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors does not match the SHA-256 recorded in"):
+        PeftModel.from_pretrained(base, "alice/adapter", token=TOKEN)
+    assert not any(isinstance(module, hyperlora.HyperLoraLayer) for module in base.modules())
+
+
 def test_the_task_embeddings_card_snippet_runs_as_written(default_endpoint: HubServer) -> None:
     source = build_model(3, task_seed=1)
     sample_embeddings(source).push_to_hub("alice/tasks", token=TOKEN)

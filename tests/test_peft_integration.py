@@ -100,10 +100,15 @@ def test_base_tuner_still_has_the_hooks_hyperlora_overrides():
     assert "uses_shared_state" in BaseTuner.__dict__
     # PeftModel.forward enters the tuner's _enable_peft_forward_hooks (how task_ids reach the tuner).
     assert hasattr(PeftModel, "_enable_peft_forward_hooks")
-    # The adapter card: PEFT writes it in create_or_update_model_card; push_to_hub replaces it, then uploads with
-    # _upload_modified_files. Both are wrapped, once.
-    for name in ("create_or_update_model_card", "_upload_modified_files"):
-        wrapped = getattr(PeftModel, name)
+    # Wrapped once each: PEFT writes the adapter card in create_or_update_model_card, push_to_hub replaces it before
+    # _upload_modified_files, and PeftConfigMixin.from_json_file reads every adapter_config.json.
+    from peft.config import PeftConfigMixin
+
+    for name, wrapped in [
+        ("create_or_update_model_card", PeftModel.create_or_update_model_card),
+        ("_upload_modified_files", PeftModel._upload_modified_files),
+        ("from_json_file", PeftConfigMixin.from_json_file.__func__),
+    ]:
         assert wrapped.__code__.co_filename.endswith("_peft_registration.py"), name
         assert not hasattr(wrapped.__wrapped__, "__wrapped__"), name
 

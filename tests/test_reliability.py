@@ -113,7 +113,10 @@ def edit_config(folder: Path, **changes) -> None:
 
 
 def assert_untouched(base: nn.Module) -> None:
+    """A model from build_cnn() after a failed load: no injected layer, nothing frozen, no PEFT attribute."""
     assert not any(isinstance(m, HyperLoraLayer) for m in base.modules()), "the base model was modified"
+    assert all(p.requires_grad for p in base.parameters()) and not hasattr(base, "peft_config")
+    assert list(base.state_dict()) == list(build_cnn().state_dict())
 
 
 # === 1. bad input: a clear error, nothing written ====================================================================
@@ -185,6 +188,24 @@ def test_other_integer_dtypes_are_accepted() -> None:
             (0, 2, 1, 0),
         ):
             torch.testing.assert_close(model(images(), task_ids=ids), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "task_id", [np.int64(1), np.int32(1), np.uint8(1), torch.tensor(1), torch.tensor(1, dtype=torch.int32)]
+)
+def test_set_task_and_merge_task_take_the_integer_scalars_forward_takes(task_id) -> None:
+    model = trained_cnn()
+    model.set_task(0)
+    with torch.no_grad():
+        expected = model(images(), task_ids=task_id)
+        model.set_task(task_id)
+        assert model.base_model.active_task == 1 and type(model.base_model.active_task) is int
+        torch.testing.assert_close(model(images()), expected, rtol=0, atol=0)
+        model.base_model.merge_task(task_id)
+        assert model.base_model.hypernet.merged_task == 1
+    for bad in (np.float64(1.0), np.bool_(True), torch.tensor(1.0), torch.tensor(True), torch.tensor([1])):
+        with pytest.raises(TypeError, match="task id must be an int"):
+            model.set_task(bad)
 
 
 @pytest.mark.parametrize(
@@ -343,9 +364,11 @@ def test_config_contradicting_the_saved_adapter_names_the_keys(saved_adapter, wo
     saved_value = 3 if key == "target_modules" else TINY.get(key, 2)
     shown = "number of adapted modules) (checkpoint 3, model 2" if key == "target_modules" else ""
     message = re.escape(shown) if shown else rf"{key} \(checkpoint {saved_value}, model {value}\)"
+    base = build_cnn()
     with pytest.raises(ValueError, match=rf"different config.*Differing config keys: .*{message}"):
-        PeftModel.from_pretrained(build_cnn(), folder, config=tiny_config(**change))
+        PeftModel.from_pretrained(base, folder, config=tiny_config(**change))
     assert snapshot(folder) == before and snapshot(workdir) == {}
+    assert_untouched(base)  # what PEFT injected before the weights were found not to fit is gone
 
 
 def test_config_override_of_a_shape_free_key_is_accepted(saved_adapter) -> None:
@@ -432,6 +455,7 @@ def test_missing_weights_file_is_named(saved_adapter, workdir: Path) -> None:
         (dict(inference_mode="false"), "HyperLoraConfig.inference_mode must be true or false"),
         (dict(target_modules=5), "HyperLoraConfig.target_modules must be None or a list of module names, got 5"),
         (dict(target_modules=["pw1", 2]), "HyperLoraConfig.target_modules must be None or a list"),
+        (dict(target_modules="pw(1"), r"HyperLoraConfig.target_modules 'pw\(1' is not a valid regex"),
         (dict(modules_to_save="head"), "HyperLoraConfig.modules_to_save must be None or a list"),
         (dict(normalisation=3), "HyperLoraConfig.normalisation must be one of"),
         (dict(task_type="BOGUS"), "Invalid task type"),  # PEFT's own check
@@ -445,6 +469,19 @@ def test_bad_adapter_config_json_is_a_clear_error(saved_adapter, workdir: Path, 
     before, base = snapshot(workdir), build_cnn()
     with pytest.raises(ValueError, match=match):
         PeftModel.from_pretrained(base, folder)
+    assert snapshot(workdir) == before
+    assert_untouched(base)
+
+
+@pytest.mark.parametrize("text", [b"{not json", b'{"r": 2, "peft_type": "HYPER', b"", b"\xff\xfe\x00binary"])
+def test_adapter_config_json_that_is_not_json_is_named(saved_adapter, workdir: Path, text: bytes) -> None:
+    folder = copy_adapter(saved_adapter[0], workdir)
+    (folder / "adapter_config.json").write_bytes(text)
+    before, base = snapshot(workdir), build_cnn()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(folder / 'adapter_config.json'))} is not valid JSON"):
+        PeftModel.from_pretrained(base, folder)
+    with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON"):
+        HyperLoraConfig.from_pretrained(folder)
     assert snapshot(workdir) == before
     assert_untouched(base)
 
@@ -624,9 +661,10 @@ def test_random_task_ids_for_set_task_and_merge_task(method: str, task_id) -> No
         return
     event(f"{method} accepted")
     try:
-        assert isinstance(task_id, int) and 0 <= task_id < 3 and tuner.active_task == task_id
+        assert isinstance(task_id, int | np.integer) and not isinstance(task_id, bool)  # as forward's task_ids
+        assert 0 <= task_id < 3 and tuner.active_task == task_id
         with torch.no_grad():
-            torch.testing.assert_close(model(_fixed_inputs()), per_task[task_id], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(model(_fixed_inputs()), per_task[int(task_id)], rtol=1e-4, atol=1e-5)
     finally:
         tuner.unmerge()
         tuner.set_task(2)

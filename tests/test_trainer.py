@@ -341,3 +341,19 @@ def test_models_that_return_logits_are_refused_saying_what_to_pass():
     timm_classifier = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=1)
     with pytest.raises(TypeError, match=r"5-class classifier.*num_classes=0"):
         ContinualTrainer(timm_classifier, config())
+
+
+def test_a_resume_from_a_damaged_checkpoint_is_refused_by_file_name_and_writes_nothing(tmp_path, tasks):
+    run(tmp_path, tasks[:1])
+    checkpoint = tmp_path / "checkpoints" / "task-000"
+    for name in ("adapter/adapter_model.safetensors", "heads.safetensors", "router.safetensors"):
+        intact = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(intact[:-1] + bytes([intact[-1] ^ 0xFF]))  # tensor data: still loads
+        before = snapshot(tmp_path)
+        trainer = ContinualTrainer(tiny_vit(), config(), arguments(tmp_path, resume_from_checkpoint=True))
+        for call in (trainer.check_resume, trainer.fit):
+            with pytest.raises(ValueError, match=rf"{re.escape(str(checkpoint / name))} does not match the SHA-256"):
+                call(tasks[:1])
+            assert snapshot(tmp_path) == before
+        (checkpoint / name).write_bytes(intact)
+    ContinualTrainer(tiny_vit(), config(), arguments(tmp_path, resume_from_checkpoint=True)).check_resume(tasks[:1])
