@@ -302,7 +302,7 @@ class ContinualTrainer:
         config, dim = self.config, self.config.task_embedding_dim
         hypernet = self.model.base_model.hypernet
         if t == 0:
-            embedding = fit_h_embedding(np.zeros((0, dim)), np.zeros(0), dim=dim, seed=self.args.seed).embedding
+            embedding, _ = fit_h_embedding(np.zeros((0, dim)), np.zeros(0), dim=dim, seed=self.args.seed)
             return self._add_task(embedding)
         task = tasks[t]
         generator = torch.Generator().manual_seed(self.args.seed + t)
@@ -314,11 +314,11 @@ class ContinualTrainer:
             scores.append(h_score(features, labels, shrinkage=config.h_score_shrinkage))
         state["h_scores"][t][:t] = scores
         old = hypernet.stacked_task_embeddings().detach().cpu().numpy()
-        targets = target_distances(np.asarray(scores), old, normalisation=config.normalisation)
-        if targets is None:
+        distances = target_distances(np.asarray(scores), old, normalisation=config.normalisation)
+        if distances is None:
             return self._add_task(None)
-        embedding, gamma, _ = fit_h_embedding(
-            old, targets.distances, steps=config.h_embedding_steps, seed=self.args.seed + t, dim=dim
+        embedding, gamma = fit_h_embedding(
+            old, distances, steps=config.h_embedding_steps, seed=self.args.seed + t, dim=dim
         )
         state["gamma"][t] = float(gamma)
         return self._add_task(embedding)
