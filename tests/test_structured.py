@@ -1,0 +1,78 @@
+"""The structured shape sequence: deterministic, disjoint classes, distinct domains, known relations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hyperlora.structured import FACTORS, Domain, relation_matrix, render, sequence, structured_tasks
+
+
+def test_same_seed_same_images_other_seed_other_images():
+    a = structured_tasks(2, seed=3, train_per_class=2, test_per_class=1, image_size=32)
+    b = structured_tasks(2, seed=3, train_per_class=2, test_per_class=1, image_size=32)
+    c = structured_tasks(2, seed=4, train_per_class=2, test_per_class=1, image_size=32)
+    for x, y, z in zip(a, b, c, strict=True):
+        assert [np.asarray(i).tolist() for i in x.train["image"]] == [np.asarray(i).tolist() for i in y.train["image"]]
+        assert x.train["label"] == y.train["label"]
+        assert np.asarray(x.train["image"][0]).tolist() != np.asarray(z.train["image"][0]).tolist()
+
+
+def test_tasks_have_disjoint_four_class_label_sets_and_balanced_splits():
+    tasks = structured_tasks(3, train_per_class=3, test_per_class=2, image_size=32)
+    assert [task.name for task in tasks] == ["orientation-d00", "count-d01", "size-d02"]
+    assert [task.classes for task in tasks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    for task in tasks:
+        assert np.bincount(task.train["label"])[task.classes].tolist() == [3] * 4
+        assert np.bincount(task.test["label"])[task.classes].tolist() == [2] * 4
+        assert task.train[0]["image"].size == (32, 32) and task.train[0]["image"].mode == "RGB"
+
+
+def test_twenty_domains_are_twenty_distinct_looks():
+    domains = [Domain.of(i) for i in range(20)]
+    assert len({(d.background, d.texture) for d in domains}) == 20
+    assert len({(d.target, d.distractor) for d in domains}) == 20
+    assert all(d.target != d.distractor for d in domains)
+
+
+def test_sequence_cycles_factors_and_relations_mark_shared_factors():
+    specs = sequence(5)
+    assert [s.factor for s in specs] == ["orientation", "count", "size", "orientation", "count"]
+    R = relation_matrix(specs)
+    assert R.tolist() == [
+        [1, 0, 0, 1, 0],
+        [0, 1, 0, 0, 1],
+        [0, 0, 1, 0, 0],
+        [1, 0, 0, 1, 0],
+        [0, 1, 0, 0, 1],
+    ]
+    assert [s.factor for s in sequence(10, FACTORS)] == [*FACTORS, *FACTORS]
+
+
+def test_labels_set_the_asked_factor_and_only_it():
+    """The factor's label moves the target; the domain alone sets the look (background pixel colour)."""
+    rng = np.random.default_rng(0)
+    domain = Domain.of(0)
+    corner = [np.asarray(render("size", label, domain, rng))[0, 0] for label in range(4)]
+    assert all((c == corner[0]).all() for c in corner)  # solid background: same corner colour whatever the label
+    target = np.array(domain.target)
+
+    def target_pixels(label: int) -> float:
+        image = np.asarray(render("size", label, domain, np.random.default_rng(label))).astype(int)
+        return float((np.abs(image - target).sum(-1) < 60).mean())
+
+    assert target_pixels(0) < target_pixels(1) < target_pixels(2) < target_pixels(3)  # bigger target, more pixels
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: sequence(0), "num_tasks"),
+        (lambda: sequence(2, ("colour",)), "factors"),
+        (lambda: render("colour", 0, Domain.of(0), np.random.default_rng(0)), "factor"),
+        (lambda: render("size", 4, Domain.of(0), np.random.default_rng(0)), "label"),
+    ],
+)
+def test_bad_arguments_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
