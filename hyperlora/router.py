@@ -84,11 +84,23 @@ class GaussianRouter:
     def predict(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(global class id, task id) of each row, by the LDA score with equal class priors."""
         weights, bias, classes = self._solve()
+        predicted = classes[(self._check(features) @ weights + bias).argmax(-1)]
+        return predicted, self.class_to_task[predicted]
+
+    def discriminant(self, task_id: int) -> torch.Tensor:
+        """(feature_dim, C_i): the LDA directions Sigma^-1 mu_c of one task's classes. Features times these are the
+        scores (up to a shift) that task's own classes get: the frozen backbone seen through that task."""
+        weights, _, classes = self._solve()
+        mine = self.class_to_task[classes] == task_id
+        if not mine.any():
+            raise ValueError(f"the router has not seen task {task_id}; seen tasks: {self.seen_tasks}")
+        return weights[:, mine]
+
+    def _check(self, features: torch.Tensor) -> torch.Tensor:
         features = torch.as_tensor(features).to(torch.float64).cpu()
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(f"features must be (n, {self.feature_dim}), got {tuple(features.shape)}")
-        predicted = classes[(features @ weights + bias).argmax(-1)]
-        return predicted, self.class_to_task[predicted]
+        return features
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {

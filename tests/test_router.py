@@ -63,3 +63,18 @@ def test_entropy_route_picks_the_most_confident_head():
     confident = torch.tensor([[10.0, 0.0], [0.0, 0.0]])
     unsure = torch.tensor([[0.0, 0.1, 0.0], [0.0, 0.0, 9.0]])
     assert entropy_route([confident, unsure]).tolist() == [0, 1]
+
+
+def test_discriminant_is_sklearn_lda_coefficients_of_the_tasks_classes_up_to_scale():
+    X, y = blobs()
+    router = GaussianRouter(5, shrinkage=0.0)
+    for task in range(3):
+        mask = (y // 2) == task
+        router.update(torch.tensor(X[mask]), torch.tensor(y[mask]), task)
+    lda = LinearDiscriminantAnalysis(solver="lsqr").fit(X, y)
+    directions = router.discriminant(1).numpy()  # classes 2 and 3
+    # sklearn divides the within-class scatter by n, the router by n - C: the same directions, scaled
+    ratio = directions / lda.coef_[2:4].T
+    np.testing.assert_allclose(ratio, np.full_like(ratio, (len(y) - 6) / len(y)), rtol=1e-6)
+    with pytest.raises(ValueError, match="has not seen task 3"):
+        router.discriminant(3)
