@@ -22,8 +22,10 @@ PEFT_TYPE = "HYPERLORA"
 Normalisation = Literal["ahp", "minmax", "none"]
 EmbeddingInit = Literal["h_embedding", "random"]
 Router = Literal["gaussian", "entropy"]
+HScoreFeatures = Literal["lda", "head", "pooled"]
 
 _CHOICES = {
+    "h_score_features": ("lda", "head", "pooled"),
     "normalisation": ("ahp", "minmax", "none"),
     "embedding_init": ("h_embedding", "random"),
     "router": ("gaussian", "entropy"),
@@ -40,7 +42,7 @@ _POSITIVE_INTS = (
 )
 _NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage")
 _NUMBERS = ("lora_alpha", "lora_dropout", *_NON_NEGATIVE_FLOATS)
-_BOOLS = ("h_score_shrinkage", "inference_mode")
+_BOOLS = ("h_score_shrinkage", "head_projection", "inference_mode")
 _MODULE_LISTS = ("target_modules", "exclude_modules", "modules_to_save")
 # adapter_config.json key (not a field) with the SHA-256 of the weights file(s) saved next to it.
 CHECKSUM_KEY = "weights_sha256"
@@ -75,12 +77,29 @@ class HyperLoraConfig(PeftConfig):
     hypernet_num_layers: int = field(default=2, metadata={"help": "Depth of the hypernetwork trunk."})
 
     # Continual-learning method (read by hyperlora.ContinualTrainer).
+    h_score_features: HScoreFeatures = field(
+        default="lda",
+        metadata={
+            "help": "What each old task's H-score reads: lda (frozen features times its LDA directions), head (its "
+            "head's logits under its adapter) or pooled (pooled features under its adapter; saturates)."
+        },
+    )
     h_score_samples: int = field(default=1000, metadata={"help": "n_max samples used for the H-scores."})
     h_score_shrinkage: bool = field(default=True, metadata={"help": "Ledoit-Wolf H_alpha (True) or plain."})
+    h_score_resamples: int = field(
+        default=50, metadata={"help": "Bootstrap resamples that tell AHP which H-score gaps are noise (0: none)."}
+    )
     normalisation: Normalisation = field(default="ahp", metadata={"help": "ahp | minmax | none."})
-    h_embedding_steps: int = field(default=2000, metadata={"help": "Adam steps of the H-embedding fit."})
+    h_embedding_steps: int = field(default=500, metadata={"help": "Adam steps of the H-embedding fit."})
     embedding_init: EmbeddingInit = field(
         default="h_embedding", metadata={"help": "Start e_t at the H-embedding or at random."}
+    )
+    head_projection: bool = field(
+        default=True,
+        metadata={
+            "help": "Project every update of the hypernet's heads onto the null space of the old tasks' hidden "
+            "activations, so that training a task leaves the old tasks' generated weights as they were."
+        },
     )
     beta_reg: float = field(default=0.05, metadata={"help": "Weight of the hypernet output regulariser."})
     reg_max_tasks: int = field(default=8, metadata={"help": "Old tasks sampled per step by the regulariser."})
@@ -105,9 +124,10 @@ class HyperLoraConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"HyperLoraConfig.{name} must be a positive integer, got {value!r}")
-        steps = self.h_embedding_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"HyperLoraConfig.h_embedding_steps must be an integer >= 0, got {steps!r}")
+        for name in ("h_embedding_steps", "h_score_resamples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"HyperLoraConfig.{name} must be an integer >= 0, got {value!r}")
         for name in _NUMBERS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 NORMALISATIONS = ("ahp", "minmax", "none")
 
@@ -33,14 +37,25 @@ def _matrix(values, name: str) -> np.ndarray:
     return array
 
 
-def pairwise_comparison_matrix(scores) -> np.ndarray:
-    """Saaty's 1-9 scale: the best old task is up to 9 times as important as the worst, linearly in the score."""
-    h = _vector(scores, "scores")
-    spread = h.max() - h.min()
-    if spread == 0:
-        return np.ones((h.size, h.size))
-    upper = 1.0 + 8.0 * (h[:, None] - h[None, :]) / spread  # P_ik for h_i >= h_k
-    return np.where(h[:, None] >= h[None, :], upper, 1.0 / upper.T)
+def pairwise_comparison_matrix(scores, resampled=None) -> np.ndarray:
+    """Saaty's reciprocal 1-9 matrix: P_ik says how many times more old task i transfers than old task k.
+
+    The magnitude is the score ratio h_i / h_k, clipped to [1/9, 9]. With ``resampled`` (bootstrap resamples x old
+    tasks, paired: one resample serves every old task), it is raised to the confidence |2 p_ik - 1|, where p_ik is the
+    share of resamples in which task i scores above task k (ties count half): a gap within the noise gives P near 1,
+    a gap no resample reverses keeps the full ratio. (Min-max scaling of raw differences instead stretches any gap,
+    however small, to the full 1-9 range.)
+    """
+    h = np.maximum(_vector(scores, "scores"), 1e-12)
+    ratio = np.clip(h[:, None] / h[None, :], 1.0 / 9.0, 9.0)
+    if resampled is None:
+        return ratio
+    samples = np.asarray(resampled, dtype=np.float64)
+    if samples.ndim != 2 or samples.shape[1] != h.size or samples.shape[0] == 0:
+        raise ValueError(f"resampled must be (resamples, {h.size}), got shape {samples.shape}")
+    above, tied = samples[:, :, None] > samples[:, None, :], samples[:, :, None] == samples[:, None, :]
+    wins = above.mean(0) + 0.5 * tied.mean(0)
+    return ratio ** np.abs(2.0 * wins - 1.0)
 
 
 def random_index(n: int) -> float:
@@ -48,9 +63,9 @@ def random_index(n: int) -> float:
     return _RANDOM_INDEX[min(n, len(_RANDOM_INDEX)) - 1]
 
 
-def ahp_priorities(scores) -> tuple[np.ndarray, float]:
+def ahp_priorities(scores, resampled=None) -> tuple[np.ndarray, float]:
     """(priority weights summing to 1, consistency ratio) from the principal eigenvector of the comparison matrix."""
-    P = pairwise_comparison_matrix(scores)
+    P = pairwise_comparison_matrix(scores, resampled)
     n = P.shape[0]
     eigenvalues, eigenvectors = np.linalg.eig(P)
     k = int(np.argmax(eigenvalues.real))
@@ -63,19 +78,34 @@ def ahp_priorities(scores) -> tuple[np.ndarray, float]:
 
 
 def median_pairwise_distance(embeddings) -> float:
-    """tau: the typical spacing of the old task embeddings (1.0 while there are fewer than two)."""
+    """tau: the typical spacing of the old task embeddings.
+
+    With a single old embedding e, sqrt(2) |e|: how far an unrelated embedding of the same norm typically is (a fixed
+    1.0 would put the second task next to the first, whatever they have in common).
+    """
     E = _matrix(embeddings, "embeddings")
     if E.shape[0] < 2:
-        return 1.0
-    distances = np.linalg.norm(E[:, None] - E[None, :], axis=-1)
-    return float(np.median(distances[np.triu_indices(E.shape[0], k=1)]))
+        tau = float(np.sqrt(2.0) * np.linalg.norm(E)) if E.size else 1.0
+    else:
+        distances = np.linalg.norm(E[:, None] - E[None, :], axis=-1)
+        tau = float(np.median(distances[np.triu_indices(E.shape[0], k=1)]))
+    return tau if tau > 0 else 1.0  # coinciding (or zero) embeddings give no scale
 
 
-def target_distances(scores, old_embeddings, normalisation: str = "ahp", eps: float = 1e-3) -> np.ndarray | None:
+class Targets(NamedTuple):
+    """What the H-embedding is fitted to: a distance to every old embedding, and AHP's consistency ratio."""
+
+    distances: np.ndarray
+    consistency_ratio: float | None  # AHP only
+
+
+def target_distances(
+    scores, old_embeddings, normalisation: str = "ahp", *, resampled=None, eps: float = 1e-3
+) -> Targets | None:
     """How far the new task's embedding should sit from each old one: close to the old tasks that transfer best.
 
-    "ahp": d_i = tau * min(w_max / w_i, 9) (the best old task at tau, the rest at most 9 tau); "minmax": the authors'
-    earlier d_i = (h_max - h_i) + eps + h_min; "none": no guidance (returns None).
+    "ahp": d_i = tau * min(w_max / w_i, 9) with AHP priorities w (the best old task at tau, the rest at most 9 tau);
+    "minmax": the authors' earlier d_i = (h_max - h_i) + eps + h_min; "none": no guidance (returns None).
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
@@ -86,26 +116,37 @@ def target_distances(scores, old_embeddings, normalisation: str = "ahp", eps: fl
     if normalisation == "none":
         return None
     if normalisation == "minmax":
-        return (h.max() - h) + eps + h.min()
-    weights, _ = ahp_priorities(h)
+        return Targets((h.max() - h) + eps + h.min(), None)
+    weights, ratio = ahp_priorities(h, resampled)
     # The eigenvector of an inconsistent matrix can spread past Saaty's 1-9 range; clip to keep d_i <= 9 tau.
-    return median_pairwise_distance(E) * np.minimum(weights.max() / weights, 9.0)
+    return Targets(median_pairwise_distance(E) * np.minimum(weights.max() / weights, 9.0), ratio)
+
+
+class HEmbedding(NamedTuple):
+    """The fitted embedding, its scale gamma, and how well its distances follow the targets."""
+
+    embedding: torch.Tensor
+    gamma: float
+    rank_correlation: float | None  # Spearman of the fitted distances with the targets (two or more old tasks)
 
 
 def fit_h_embedding(
     old_embeddings,
     target_distances,
     *,
-    steps: int = 2000,
+    steps: int = 500,
     lr: float = 0.05,
     seed: int = 0,
     dim: int | None = None,
-) -> tuple[torch.Tensor, float]:
-    """The H-embedding: argmin over e (and a scale gamma) of sum_i | gamma d_i - ||e - e_i|| |.
+    starts: int = 8,
+) -> HEmbedding:
+    """The H-embedding: argmin over e (and a scale gamma) of sum_i (gamma d_i - ||e - e_i||)^2 / sum_i (gamma d_i)^2.
 
-    gamma is learnt once there are two or more old tasks (with one, any distance is reachable at gamma = 1).
-    Without old tasks the H-embedding is a seeded N(0, 1) vector of size ``dim``. Deterministic for a seed; the
-    global RNG is untouched.
+    gamma is learnt once there are two or more old tasks (with one, any distance is reachable at gamma = 1). The
+    relative squared error is smooth (Adam converges instead of circling a kink) and has no degenerate gamma -> 0.
+    The fit runs from ``starts`` points at once (near the old embeddings with the smallest targets, and their
+    centroid) with a cosine-decayed learning rate, and keeps the best. Without old tasks the H-embedding is a seeded
+    N(0, 1) vector of size ``dim``. Deterministic for a seed; the global RNG is untouched.
     """
     generator = torch.Generator().manual_seed(seed)
     if isinstance(old_embeddings, torch.Tensor):
@@ -114,27 +155,42 @@ def fit_h_embedding(
     if old.size == 0:
         if dim is None:
             raise ValueError("dim is required when there are no old embeddings")
-        return torch.randn(dim, generator=generator), 1.0
+        return HEmbedding(torch.randn(dim, generator=generator), 1.0, None)
     old = _matrix(old, "old_embeddings")
     d = _vector(target_distances, "target_distances")
     if d.size != old.shape[0]:
         raise ValueError(f"{d.size} target distances but {old.shape[0]} old embeddings")
-    if (d < 0).any():
-        raise ValueError("target distances must be non-negative")
+    if (d <= 0).any():
+        raise ValueError("target distances must be positive")
     if dim is not None and dim != old.shape[1]:
         raise ValueError(f"dim={dim} but the old embeddings have dimension {old.shape[1]}")
 
     E = torch.as_tensor(old, dtype=torch.float64)
     D = torch.as_tensor(d, dtype=torch.float64)
-    scale = float(E.std()) if E.shape[0] > 1 else 1.0
-    e = (E.mean(0) + 0.1 * scale * torch.randn(E.shape[1], generator=generator, dtype=torch.float64)).requires_grad_()
-    log_gamma = torch.zeros((), dtype=torch.float64, requires_grad=E.shape[0] >= 2)
-    params = [e, log_gamma] if log_gamma.requires_grad else [e]
-    optimizer = torch.optim.Adam(params, lr=lr * max(float(D.mean()), 1e-3))
+    spread = float(torch.cdist(E, E).max()) if E.shape[0] > 1 else float(D[0])
+    nearest = torch.argsort(D, stable=True)[: max(1, starts - 1)]
+    inits = torch.cat([E[nearest], E.mean(0, keepdim=True)])
+    e = inits + 0.05 * spread * torch.randn(inits.shape, generator=generator, dtype=torch.float64)
+    learn_gamma = E.shape[0] >= 2
+    with torch.no_grad():  # start gamma at the least-squares scale of each start's distances
+        log_gamma = torch.log((torch.cdist(e, E) * D).sum(1) / (D * D).sum()) if learn_gamma else torch.zeros(len(e))
+    e, log_gamma = e.requires_grad_(), log_gamma.to(torch.float64).requires_grad_(learn_gamma)
+    optimizer = torch.optim.Adam([e, log_gamma] if learn_gamma else [e], lr=lr * spread)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+    def losses() -> torch.Tensor:
+        target = log_gamma.exp()[:, None] * D
+        distance = torch.sqrt(((e[:, None] - E) ** 2).sum(-1) + 1e-18)
+        return ((target - distance) ** 2).sum(1) / (target**2).sum(1)
+
     for _ in range(steps):
         optimizer.zero_grad()
-        distance = torch.sqrt(((e - E) ** 2).sum(-1) + 1e-12)
-        loss = (log_gamma.exp() * D - distance).abs().sum()
-        loss.backward()
+        losses().sum().backward()
         optimizer.step()
-    return e.detach().float(), float(log_gamma.detach().exp())
+        schedule.step()
+    with torch.no_grad():
+        best = int(losses().argmin())
+        embedding = e[best].detach()
+        fitted = torch.linalg.vector_norm(embedding - E, dim=1).numpy()
+    rank = float(spearmanr(fitted, d).statistic) if d.size >= 2 and np.ptp(d) > 0 else None
+    return HEmbedding(embedding.float(), float(log_gamma.detach()[best].exp()), rank)

@@ -1,9 +1,10 @@
 """ContinualTrainer: H-embedding guided training of one hypernetwork over a sequence of tasks.
 
-Per task t (ALGORITHM.md): H-scores of the old tasks' features on the new data, AHP target distances, the fitted
-H-embedding, training with CE + output regulariser + embedding guidance, then the router update and an evaluation of
-every task seen so far. Each finished task is checkpointed atomically, and every task reseeds from ``seed + t``, so a
-resumed run repeats an uninterrupted one exactly.
+Per task t (ALGORITHM.md): the frozen backbone's features of its training data, H-scores of the old tasks on them,
+AHP target distances, the fitted H-embedding, training with CE + output regulariser + embedding guidance (head
+updates projected away from the old tasks' directions), then the router and frozen-baseline update and an evaluation
+of every task seen so far, frozen-feature baselines included. Each finished task is checkpointed atomically, and
+every task reseeds from ``seed + t``, so a resumed run repeats an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import plots
+from .baselines import FrozenBaselines
 from .checkpoint import (
     LATEST,
     atomic_directory,
@@ -48,7 +50,7 @@ from .embedding import fit_h_embedding, target_distances
 from .losses import GuidanceDecoder, guidance_loss, guidance_weight, output_regulariser
 from .metrics import METRIC_KEYS, continual_metrics
 from .router import GaussianRouter, entropy_route
-from .transferability import h_score
+from .transferability import old_task_features, transferability
 
 # Training arguments a resume may change: where and how a run reports, not what it computes (see check_resume).
 RESUME_SAFE_ARGUMENTS = (
@@ -70,7 +72,10 @@ class ContinualTrainingArguments:
     ``resume_from_checkpoint`` continues the run in ``output_dir`` after its last finished task. The checkpoint
     records these arguments, and a resume that changes any of them is refused, except ``output_dir``,
     ``resume_from_checkpoint``, ``overwrite_output_dir``, ``logging_steps``, ``report_to``, ``plots``,
-    ``per_device_eval_batch_size`` and ``dataloader_num_workers``, which do not change the results. A fresh run into
+    ``per_device_eval_batch_size`` and ``dataloader_num_workers``, which do not change the results.
+    ``embedding_learning_rate`` is the new task embedding's (None: ``learning_rate``). ``eval_curve_points`` > 0
+    evaluates each task's test accuracy that many times, evenly, during its training: ``learning_curves`` in
+    metrics.json, from which benchmarks read how fast a task learns. A fresh run into
     an ``output_dir`` that holds checkpoints is refused unless ``overwrite_output_dir`` is set (then the old
     checkpoints are deleted when it starts).
     """
@@ -82,6 +87,8 @@ class ContinualTrainingArguments:
     per_device_eval_batch_size: int = 128
     learning_rate: float = 1e-3
     head_learning_rate: float = 1e-2
+    embedding_learning_rate: float | None = None
+    eval_curve_points: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     gradient_accumulation_steps: int = 1
@@ -99,6 +106,8 @@ class ContinualTrainingArguments:
     def __post_init__(self) -> None:
         if self.report_to in ("", "none"):  # the command-line spelling of "no trackers"
             self.report_to = None
+        if self.eval_curve_points < 0:
+            raise ValueError(f"eval_curve_points must be >= 0, got {self.eval_curve_points}")
         for name in (
             "num_train_epochs",
             "per_device_train_batch_size",
@@ -109,14 +118,17 @@ class ContinualTrainingArguments:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps_per_task is not None and self.max_steps_per_task < 1:
             raise ValueError(f"max_steps_per_task must be >= 1 or None, got {self.max_steps_per_task}")
-        if not self.learning_rate > 0 or not self.head_learning_rate > 0:
+        rates = (self.learning_rate, self.head_learning_rate, self.embedding_learning_rate or self.learning_rate)
+        if not all(rate > 0 for rate in rates):
             raise ValueError("learning rates must be > 0")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or None, got {self.mixed_precision!r}")
 
 
 # Checkpoint files whose SHA-256 state.json records (the adapter's adapter_config.json records its weights').
-_CHECKED_FILES = ("heads.safetensors", "router.safetensors")
+_CHECKED_FILES = ("heads.safetensors", "frozen.safetensors")
+# The frozen-feature classifiers every run reports beside its own accuracy (hyperlora.baselines).
+FROZEN_CLASS_INCREMENTAL = ("ncm", "lda")
 
 
 class _TaskStep(nn.Module):
@@ -179,7 +191,12 @@ class ContinualTrainer:
         self.spec = image_spec(self.model, self.args.image_size)
         self.output_dir = Path(self.args.output_dir)
         self.heads = nn.ModuleList()
-        self.router: GaussianRouter | None = None
+        self.baselines: FrozenBaselines | None = None
+
+    @property
+    def router(self) -> GaussianRouter | None:
+        """The class-incremental router: the frozen baselines' LDA, over every class seen so far."""
+        return None if self.baselines is None else self.baselines.lda
 
     # --- public --------------------------------------------------------------------------------------------------
 
@@ -187,7 +204,7 @@ class ContinualTrainer:
         """Train every task in order (resuming after the last checkpoint if asked) and return the metrics.
 
         Writes under ``output_dir``: metrics.json, embeddings.json, adapter/ (PEFT), heads.safetensors,
-        router.safetensors, the plots, and checkpoints/ (one per finished task).
+        frozen.safetensors (router statistics and frozen probes), the plots, and checkpoints/ (one per task).
         """
         tasks = _check_tasks(tasks)
         self.check_resume(tasks)
@@ -208,15 +225,20 @@ class ContinualTrainer:
         for t in range(state["completed"], num_tasks):
             set_seed(self.args.seed + t)
             start = time.perf_counter()
-            h_embedding = self._h_embedding(t, tasks, state)
+            # once per task, shared by the H-score ("lda"), the router and the frozen baselines
+            frozen = self._features(self._loader(tasks[t], "train"), task_id=None)
+            state["timings"]["frozen_features_s"][t] = time.perf_counter() - start
+
+            start = time.perf_counter()
+            h_embedding = self._h_embedding(t, tasks, state, frozen)
             state["timings"]["h_embedding_s"][t] = time.perf_counter() - start
 
             start = time.perf_counter()
-            self._train_task(t, tasks[t], h_embedding)
+            state["learning_curves"][t] = self._train_task(t, tasks[t], h_embedding)
             state["timings"]["train_s"][t] = time.perf_counter() - start
 
             start = time.perf_counter()
-            self._update_router(t, tasks[t])
+            self._update_frozen(t, frozen)
             self._evaluate(t, tasks, state)
             state["timings"]["eval_s"][t] = time.perf_counter() - start
             state["completed"] = t + 1
@@ -297,31 +319,45 @@ class ContinualTrainer:
 
     # --- the H-embedding -----------------------------------------------------------------------------------------
 
-    def _h_embedding(self, t: int, tasks: Sequence[Task], state: dict) -> torch.Tensor | None:
-        """H-scores of every old task on task t's data, AHP distances, and the fitted embedding e^_t."""
+    def _h_embedding(self, t: int, tasks: Sequence[Task], state: dict, frozen) -> torch.Tensor | None:
+        """Every old task's transferability to task t, AHP target distances, and the fitted H-embedding e^_t."""
         config, dim = self.config, self.config.task_embedding_dim
         hypernet = self.model.base_model.hypernet
         if t == 0:
-            embedding, _ = fit_h_embedding(np.zeros((0, dim)), np.zeros(0), dim=dim, seed=self.args.seed)
+            embedding = fit_h_embedding(np.zeros((0, dim)), np.zeros(0), dim=dim, seed=self.args.seed).embedding
+            state["h_embeddings"][0] = embedding.tolist()
             return self._add_task(embedding)
         task = tasks[t]
         generator = torch.Generator().manual_seed(self.args.seed + t)
-        sample = torch.randperm(len(task.train), generator=generator)[: config.h_score_samples].tolist()
-        loader = self._loader(task, "train", indices=sample, shard=False)
-        scores = []
-        for i in range(t):
-            features, labels = self._features(loader, task_id=i)
-            scores.append(h_score(features, labels, shrinkage=config.h_score_shrinkage))
-        state["h_scores"][t][:t] = scores
-        old = hypernet.stacked_task_embeddings().detach().cpu().numpy()
-        distances = target_distances(np.asarray(scores), old, normalisation=config.normalisation)
-        if distances is None:
-            return self._add_task(None)
-        embedding, gamma = fit_h_embedding(
-            old, distances, steps=config.h_embedding_steps, seed=self.args.seed + t, dim=dim
+        sample = torch.randperm(len(task.train), generator=generator)[: config.h_score_samples]
+        labels = frozen[1][sample.to(frozen[1].device)].cpu()
+        loader = self._loader(task, "train", indices=sample.tolist(), shard=False)
+
+        def features_of(task_id: int | None) -> torch.Tensor:
+            if task_id is None:
+                return frozen[0][sample.to(frozen[0].device)]
+            return self._features(loader, task_id, exact=True)[0]
+
+        old_features = old_task_features(config.h_score_features, t, features_of, heads=self.heads, router=self.router)
+        scores = transferability(
+            old_features,
+            labels,
+            shrinkage=config.h_score_shrinkage,
+            resamples=config.h_score_resamples,
+            seed=self.args.seed + t,
         )
-        state["gamma"][t] = float(gamma)
-        return self._add_task(embedding)
+        state["h_scores"][t][:t] = scores.scores.tolist()
+        old = hypernet.stacked_task_embeddings().detach().cpu().numpy()
+        targets = target_distances(scores.scores, old, normalisation=config.normalisation, resampled=scores.resampled)
+        if targets is None:
+            return self._add_task(None)
+        fitted = fit_h_embedding(old, targets.distances, steps=config.h_embedding_steps, seed=self.args.seed + t)
+        state["gamma"][t] = fitted.gamma
+        state["consistency_ratio"][t] = math.nan if targets.consistency_ratio is None else targets.consistency_ratio
+        rank = fitted.rank_correlation
+        state["h_embedding_rank_correlation"][t] = math.nan if rank is None else rank
+        state["h_embeddings"][t] = fitted.embedding.tolist()
+        return self._add_task(fitted.embedding)
 
     def _add_task(self, h_embedding: torch.Tensor | None) -> torch.Tensor | None:
         """Register task t, starting at its H-embedding unless configured (or forced by "none") to start at random."""
@@ -333,7 +369,8 @@ class ContinualTrainer:
 
     # --- training ------------------------------------------------------------------------------------------------
 
-    def _train_task(self, t: int, task: Task, h_embedding: torch.Tensor | None) -> None:
+    def _train_task(self, t: int, task: Task, h_embedding: torch.Tensor | None) -> list[list[float]]:
+        """Train task t; returns its learning curve, [step, test accuracy] pairs (``eval_curve_points``)."""
         config, args, accelerator = self.config, self.args, self.accelerator
         model = self.model
         hypernet = model.base_model.hypernet
@@ -352,10 +389,20 @@ class ContinualTrainer:
             decoder.to(accelerator.device)
             h_embedding = h_embedding.to(accelerator.device)
 
+        bases = outputs = None
+        if t > 0 and config.head_projection:
+            bases = hypernet.head_bases(range(t))
+            outputs = hypernet.protected_outputs(bases)
+
         _train_mode(model)
         step_module = _TaskStep(model, head, decoder, reg_targets, config)
+        embedding = hypernet.task_embeddings[t]
         groups = [
-            {"params": [p for p in hypernet.parameters() if p.requires_grad], "lr": args.learning_rate},
+            {
+                "params": [p for p in hypernet.parameters() if p.requires_grad and p is not embedding],
+                "lr": args.learning_rate,
+            },
+            {"params": [embedding], "lr": args.embedding_learning_rate or args.learning_rate},
             {"params": list(head.parameters()), "lr": args.head_learning_rate},
         ]
         if decoder is not None:
@@ -375,6 +422,8 @@ class ContinualTrainer:
         reg_generator = torch.Generator().manual_seed(self.args.seed + 7919 * (t + 1))
 
         bar = self._bar(total=total, desc=f"task {t} ({task.name})", leave=False)
+        curve_steps = {math.ceil(total * k / args.eval_curve_points) for k in range(1, args.eval_curve_points + 1)}
+        curve = []
         step = 0
         while step < total:
             for pixel_values, labels in loader:
@@ -393,6 +442,8 @@ class ContinualTrainer:
                         accelerator.clip_grad_norm_(step_module.parameters(), args.max_grad_norm)
                     lr = optimizer.param_groups[0]["lr"]  # the hypernetwork's, for this step
                     optimizer.step()
+                    if bases is not None and accelerator.sync_gradients:
+                        hypernet.protect(bases, outputs)  # the old tasks' generated weights stay as they were
                     scheduler.step()
                     optimizer.zero_grad()
                 if not accelerator.sync_gradients:
@@ -411,6 +462,8 @@ class ContinualTrainer:
                             f"task {t} ({task.name}) step {step}/{total}: loss {values['loss']:.4f} ({detail}), "
                             f"lr {lr:.2e}"
                         )
+                if step in curve_steps:
+                    curve.append([step, self._task_accuracy(t, task, accelerator.unwrap_model(step_module).head)])
                 if step >= total:
                     break
         bar.close()
@@ -420,45 +473,73 @@ class ContinualTrainer:
         self.heads.append(head.eval())
         accelerator.free_memory(step_module, optimizer, loader, scheduler)
         model.eval()
+        return curve
+
+    def _task_accuracy(self, t: int, task: Task, head: nn.Module) -> float:
+        """Task t's test accuracy now, in the middle of its training (which resumes in train mode)."""
+        self.model.eval()
+        hits = count = 0
+        with torch.no_grad():
+            for pixel_values, labels in self._loader(task, "test"):
+                predicted = head(self._forward(pixel_values, t)).argmax(-1)
+                predicted, labels = self.accelerator.gather_for_metrics((predicted, labels))
+                hits, count = hits + (predicted == labels).sum().item(), count + labels.numel()
+        _train_mode(self.model)
+        return hits / count
 
     # --- routing and evaluation ----------------------------------------------------------------------------------
 
-    def _update_router(self, t: int, task: Task) -> None:
-        features, labels = self._features(self._loader(task, "train"), task_id=None)
-        if self.router is None:
-            self.router = GaussianRouter(features.shape[1], shrinkage=self.config.router_shrinkage)
-        self.router.update(features.double().cpu(), labels.cpu() + self.offsets[t], t)
+    def _update_frozen(self, t: int, frozen) -> None:
+        """Add task t's frozen training features to the router and the frozen-feature baselines."""
+        features, labels = frozen
+        if self.baselines is None:
+            self.baselines = FrozenBaselines(features.shape[1], shrinkage=self.config.router_shrinkage)
+        self.baselines.add_task(t, features.double().cpu(), labels.cpu() + self.offsets[t])
 
     def _evaluate(self, t: int, tasks: Sequence[Task], state: dict) -> None:
-        """Row t of the task-IL and class-IL accuracy matrices, the router's task-id accuracy, and the FWT probe."""
+        """Row t of the task-IL and class-IL accuracy matrices, the router's task-id accuracy, the frozen baselines on
+        the same images, and the FWT probe."""
         correct_all, routed_all, count_all = 0, 0, 0
+        frozen_all = dict.fromkeys(FROZEN_CLASS_INCREMENTAL, 0)
+        device = self.accelerator.device
         for j in range(t + 1):
             loader = self._loader(tasks[j], "test")
-            hits_til, hits_cil, hits_route, n = 0, 0, 0, 0
+            hits_til, hits_cil, hits_route, hits_probe, n = 0, 0, 0, 0, 0
             with torch.no_grad():
                 for pixel_values, labels in loader:
+                    frozen = self._forward(pixel_values, None)
                     local = self.heads[j](self._forward(pixel_values, j)).argmax(-1)
-                    routed_task, predicted = self._class_incremental(pixel_values, t)
-                    local, labels, routed_task, predicted = self.accelerator.gather_for_metrics(
-                        (local, labels, routed_task, predicted)
+                    routed_task, predicted = self._class_incremental(pixel_values, frozen, t)
+                    probe = self.baselines.probe_predict(j, frozen).to(device)
+                    baseline = [self.baselines.predict(frozen)[name].to(device) for name in FROZEN_CLASS_INCREMENTAL]
+                    local, labels, routed_task, predicted, probe, *baseline = self.accelerator.gather_for_metrics(
+                        (local, labels, routed_task, predicted, probe, *baseline)
                     )
                     hits_til += (local == labels).sum().item()
                     hits_cil += (predicted == labels + self.offsets[j]).sum().item()
                     hits_route += (routed_task == j).sum().item()
+                    hits_probe += (probe == labels + self.offsets[j]).sum().item()
+                    for name, guess in zip(FROZEN_CLASS_INCREMENTAL, baseline, strict=True):
+                        frozen_all[name] += (guess == labels + self.offsets[j]).sum().item()
                     n += labels.numel()
             state["evaluated_samples"][j] = n
             state["task_il"][t][j] = hits_til / n
             state["class_il"][t][j] = hits_cil / n
+            state["frozen_linear_probe"][j] = hits_probe / n
             correct_all, routed_all, count_all = correct_all + hits_cil, routed_all + hits_route, count_all + n
         state["seen_class_accuracy"][t] = correct_all / count_all
         state["router_task_accuracy"][t] = routed_all / count_all
+        for name, hits in frozen_all.items():
+            state["frozen_class_il"][name][t] = hits / count_all
         if t + 1 < len(tasks):
             self._forward_transfer_probe(t, tasks, state)
 
-    def _class_incremental(self, pixel_values: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _class_incremental(
+        self, pixel_values: torch.Tensor, frozen: torch.Tensor, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Route each sample to a task, then let that task's adapter and head name the (global) class."""
         if self.config.router == "gaussian":
-            _, routed = self.router.predict(self._forward(pixel_values, None).double().cpu())
+            _, routed = self.router.predict(frozen.double().cpu())
             routed = routed.to(pixel_values.device)
         else:
             routed = entropy_route([self.heads[i](self._forward(pixel_values, i)) for i in range(t + 1)])
@@ -512,20 +593,22 @@ class ContinualTrainer:
             tqdm.write(line, file=sys.stdout)
             sys.stdout.flush()
 
-    def _forward(self, pixel_values: torch.Tensor, task_ids) -> torch.Tensor:
-        with self.accelerator.autocast():
-            if task_ids is None:
-                with self.model.disable_adapter():
-                    return pooled_features(self.model(pixel_values)).float()
+    def _forward(self, pixel_values: torch.Tensor, task_ids, exact: bool = False) -> torch.Tensor:
+        """Pooled features under the given tasks' adapters; the frozen backbone's (``task_ids=None``) and ``exact``
+        ones in full precision: statistics and H-scores must not see mixed precision's rounding."""
+        if task_ids is None:
+            with self.model.disable_adapter():
+                return pooled_features(self.model(pixel_values)).float()
+        with self.accelerator.autocast() if not exact else torch.autocast(pixel_values.device.type, enabled=False):
             return pooled_features(self.model(pixel_values, task_ids=task_ids)).float()
 
-    def _features(self, loader, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, loader, task_id: int | None, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of a whole loader under one task's adapter (None: the frozen backbone), gathered."""
         self.model.eval()
         features, labels = [], []
         with torch.no_grad():
             for pixel_values, batch_labels in loader:
-                batch = self._forward(pixel_values, task_id)
+                batch = self._forward(pixel_values, task_id, exact)
                 if not isinstance(loader, _OnDevice):
                     batch, batch_labels = self.accelerator.gather_for_metrics((batch, batch_labels))
                 features.append(batch)
@@ -579,13 +662,19 @@ class ContinualTrainer:
             "task_il": matrix(),
             "class_il": matrix(),
             "h_scores": matrix(),
+            "h_embeddings": [None] * num_tasks,
+            "learning_curves": [[] for _ in range(num_tasks)],
             "gamma": row(),
+            "consistency_ratio": row(),
+            "h_embedding_rank_correlation": row(),
+            "frozen_linear_probe": row(),
+            "frozen_class_il": {name: row() for name in FROZEN_CLASS_INCREMENTAL},
             "fwt_start": row(),
             "fwt_baseline": row(),
             "seen_class_accuracy": row(),
             "router_task_accuracy": row(),
             "evaluated_samples": [0] * num_tasks,
-            "timings": {"h_embedding_s": row(), "train_s": row(), "eval_s": row()},
+            "timings": {"frozen_features_s": row(), "h_embedding_s": row(), "train_s": row(), "eval_s": row()},
         }
 
     def _checkpoint(self, tasks: Sequence[Task], state: dict) -> None:
@@ -607,7 +696,7 @@ class ContinualTrainer:
             for k, v in h.state_dict().items()
         }
         save_file(heads, directory / "heads.safetensors")
-        save_file(self.router.state_dict(), directory / "router.safetensors")
+        save_file(self.baselines.state_dict(), directory / "frozen.safetensors")
 
     def _restore(self, tasks: Sequence[Task], state: dict) -> dict:
         path = latest_checkpoint(self.output_dir / "checkpoints")
@@ -625,8 +714,9 @@ class ContinualTrainer:
             head = nn.Linear(weight.shape[1], weight.shape[0]).to(self.accelerator.device)
             head.load_state_dict({"weight": weight, "bias": bias})
             self.heads.append(head.eval().requires_grad_(False))
-        router_state = load_file(path / "router.safetensors")
-        self.router = GaussianRouter.from_state_dict(router_state, shrinkage=self.config.router_shrinkage)
+        frozen_state = load_file(path / "frozen.safetensors")
+        self.baselines = FrozenBaselines(frozen_state["lda.outer"].shape[0], shrinkage=self.config.router_shrinkage)
+        self.baselines.load_state_dict(frozen_state)
         _nan_from_json(saved)
         return saved
 
@@ -646,9 +736,21 @@ class ContinualTrainer:
         class_il["router_task_accuracy"] = state["router_task_accuracy"]
         class_il["router"] = self.config.router
         results["class_incremental"] = class_il
+        probes = state["frozen_linear_probe"]
+        results["frozen_baselines"] = {
+            "linear_probe": float(np.nanmean(probes)),
+            **{name: state["frozen_class_il"][name][-1] for name in FROZEN_CLASS_INCREMENTAL},
+            "linear_probe_per_task": probes,
+            **{f"{name}_per_step": state["frozen_class_il"][name] for name in FROZEN_CLASS_INCREMENTAL},
+        }
         results.update(
             task_names=state["task_names"],
             h_scores=state["h_scores"],
+            h_score_features=self.config.h_score_features,
+            consistency_ratio=state["consistency_ratio"],
+            gamma=state["gamma"],
+            h_embedding_rank_correlation=state["h_embedding_rank_correlation"],
+            learning_curves=state["learning_curves"],
             fwt_start=state["fwt_start"],
             fwt_baseline=state["fwt_baseline"],
             evaluated_samples=state["evaluated_samples"],
@@ -663,7 +765,15 @@ class ContinualTrainer:
         embeddings = self.model.base_model.hypernet.stacked_task_embeddings().detach().cpu()
         atomic_write_json(
             out / "embeddings.json",
-            {"task_names": state["task_names"], "embeddings": embeddings.tolist(), "h_scores": state["h_scores"]},
+            {
+                "task_names": state["task_names"],
+                "embeddings": embeddings.tolist(),
+                "h_embeddings": state["h_embeddings"],
+                "h_scores": state["h_scores"],
+                "consistency_ratio": state["consistency_ratio"],
+                "gamma": state["gamma"],
+                "h_embedding_rank_correlation": state["h_embedding_rank_correlation"],
+            },
         )
         with atomic_directory(out / "final") as tmp:
             self._save_artifacts(tmp)
@@ -806,10 +916,12 @@ def _nan_from_json(state: dict) -> None:
     """JSON stored NaN as null: turn the nulls of the numeric tables back into NaN."""
     for key in ("task_il", "class_il", "h_scores"):
         state[key] = [[math.nan if v is None else v for v in row] for row in state[key]]
-    for key in ("gamma", "fwt_start", "fwt_baseline", "seen_class_accuracy", "router_task_accuracy"):
+    rows = ("gamma", "consistency_ratio", "h_embedding_rank_correlation", "frozen_linear_probe", "fwt_start")
+    for key in (*rows, "fwt_baseline", "seen_class_accuracy", "router_task_accuracy"):
         state[key] = [math.nan if v is None else v for v in state[key]]
-    for key, row in state["timings"].items():
-        state["timings"][key] = [math.nan if v is None else v for v in row]
+    for group in ("timings", "frozen_class_il"):
+        for key, row in state[group].items():
+            state[group][key] = [math.nan if v is None else v for v in row]
 
 
 def summary_table(results: dict[str, Any], task_names: Sequence[str]) -> str:
@@ -832,4 +944,6 @@ def summary_table(results: dict[str, Any], task_names: Sequence[str]) -> str:
     lines.append(
         f"{'router task-id accuracy':<26}           {pct(results['class_incremental']['router_task_accuracy'][-1])}"
     )
+    frozen = results["frozen_baselines"]
+    lines.append(f"{'frozen linear probe / LDA':<26}  {pct(frozen['linear_probe'])}   {pct(frozen['lda'])}")
     return "\n".join(lines)

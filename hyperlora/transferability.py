@@ -1,9 +1,26 @@
-"""The H-score: how well features transfer to a labelled task, without training anything on them."""
+"""The H-score: how well features transfer to a labelled task, without training anything on them.
+
+``h_score`` is the raw score, in [0, C - 1] for C classes. ``transferability`` scores every old task on a new task's
+data, normalised to [0, 1], with paired bootstrap resamples for the noise-aware AHP (hyperlora.embedding). Which
+features each old task is judged by (``old_task_features``) is ``HyperLoraConfig.h_score_features``:
+
+- ``"lda"``: the frozen backbone's features times the old task's LDA directions (from the class statistics the router
+  keeps): C_i dimensions per old task, one frozen forward pass for all of them;
+- ``"head"``: the old task's head's logits under its generated adapter: C_i dimensions, a forward pass per old task;
+- ``"pooled"``: the pooled features under the old task's adapter (the original method). With n samples not well above
+  the feature dimension d this saturates at C - 1 for any features, which is why it is no longer the default.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 import numpy as np
 import torch
+from torch import nn
+
+H_SCORE_FEATURES = ("lda", "head", "pooled")
 
 
 def _as_float64(features) -> np.ndarray:
@@ -71,3 +88,61 @@ def h_score(features, labels, shrinkage: bool = True) -> float:
     alpha = ledoit_wolf_shrinkage(centred)
     shrunk = (1.0 - alpha) * cov_f + alpha * (np.trace(cov_f) / d) * np.eye(d)
     return float(np.trace(np.linalg.solve(shrunk, (1.0 - alpha) * cov_g)))
+
+
+class Transferability(NamedTuple):
+    """Every old task's normalised H-score on the new task, and the same on paired bootstrap resamples."""
+
+    scores: np.ndarray  # (old tasks,), in [0, 1]
+    resampled: np.ndarray | None  # (resamples, old tasks): one resample of the new task's samples per row
+
+
+def old_task_features(
+    kind: str,
+    num_old_tasks: int,
+    features_of: Callable[[int | None], torch.Tensor],
+    *,
+    heads: Sequence[nn.Module] | None = None,
+    router=None,
+) -> list[torch.Tensor]:
+    """What each old task makes of the new task's samples; ``features_of(i)`` gives their pooled features under old
+    task i's adapter (``None``: the frozen backbone), in full precision."""
+    if kind not in H_SCORE_FEATURES:
+        raise ValueError(f"h_score_features must be one of {H_SCORE_FEATURES}, got {kind!r}")
+    if kind == "lda":
+        if router is None:
+            raise ValueError('h_score_features="lda" needs the router\'s class statistics')
+        frozen = features_of(None).to(torch.float64).cpu()
+        return [frozen @ router.discriminant(i) for i in range(num_old_tasks)]
+    if kind == "head":
+        if heads is None or len(heads) < num_old_tasks:
+            raise ValueError('h_score_features="head" needs the head of every old task')
+        with torch.no_grad():
+            return [heads[i](features_of(i).to(heads[i].weight.dtype)) for i in range(num_old_tasks)]
+    return [features_of(i) for i in range(num_old_tasks)]
+
+
+def transferability(
+    old_features: Sequence, labels, *, shrinkage: bool = True, resamples: int = 0, seed: int = 0
+) -> Transferability:
+    """H(F_i, y) / (C - 1) for every old task's features F_i on the new task's labels y (C classes), in [0, 1].
+
+    ``resamples`` bootstrap resamples (within each class, so every class stays present) are drawn once and shared by
+    all old tasks, so that their scores can be compared resample by resample.
+    """
+    y = _as_labels(labels)
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise ValueError(f"the H-score needs at least 2 classes, got {len(classes)}")
+    matrices = [_as_float64(features) for features in old_features]
+    norm = len(classes) - 1
+    scores = np.array([h_score(F, y, shrinkage) / norm for F in matrices])
+    if resamples <= 0:
+        return Transferability(scores, None)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(y == c) for c in classes]
+    resampled = np.empty((resamples, len(matrices)))
+    for b in range(resamples):
+        rows = np.concatenate([rng.choice(m, size=len(m)) for m in members])
+        resampled[b] = [h_score(F[rows], y[rows], shrinkage) / norm for F in matrices]
+    return Transferability(scores, resampled)

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from hyperlora import HyperLoraConfig, HyperLoraLayer
+from hyperlora import HyperLoraConfig, HyperLoraLayer, HyperNetwork
 from hyperlora.model import TIMM_VIT_TARGETS, TRANSFORMERS_VIT_TARGETS
 
 # peft asks transformers 5.x models is_gradient_checkpointing, deprecated there; not HyperLoRA's concern.
@@ -44,9 +44,10 @@ def perturb(model: PeftModel, adapter: str = "default", std: float = 0.05, seed:
     """Give every output head random weights (in place, as an optimizer would): B != 0, tasks now differ."""
     generator = torch.Generator().manual_seed(seed)
     net = hypernet(model, adapter)
-    with torch.no_grad():  # std is the scale of the generated factors: undo the heads' output multiplier
-        for head in net.heads.values():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * std / net.output_scale)
+    with torch.no_grad():  # std is the scale of the generated factors: undo the output multiplier and the sum over
+        for head in net.heads.values():  # the hidden units (each about 1 in size)
+            scale = std / (net.output_scale * head.in_features**0.5)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * scale)
 
 
 class CallCounter:
@@ -618,3 +619,27 @@ def test_scalar_tensor_and_numpy_task_id_mean_one_task_for_the_batch(timm_vit, v
         torch.testing.assert_close(model(x, task_ids=np.int64(1)), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown task id 5"):
         model(x, task_ids=torch.tensor(5))
+
+
+def test_head_projection_leaves_protected_tasks_generated_weights_as_they_were():
+    torch.manual_seed(0)
+    shapes = [(12, 8), (8, 12), (12, 8)]
+    net = HyperNetwork(shapes, r=2, task_embedding_dim=4, module_embedding_dim=4, hidden_dim=16, num_layers=2)
+    for _ in range(3):
+        net.add_task()
+    with torch.no_grad():
+        for head in net.heads.values():
+            head.weight.normal_()
+    bases = net.head_bases([0, 1])
+    assert {key: U.shape for key, U in bases.items()} == {"12x8": (16, 4), "8x12": (16, 2)}  # 2 tasks x members
+    outputs = net.protected_outputs(bases)
+    before = net(net.stacked_task_embeddings())
+    with torch.no_grad():  # an optimizer step that knows nothing about the old tasks
+        for head in net.heads.values():
+            head.weight.add_(torch.randn_like(head.weight))
+    net.protect(bases, outputs)
+    after = net(net.stacked_task_embeddings())
+    for m in range(3):
+        for old, new in ((before.A[m], after.A[m]), (before.B[m], after.B[m])):
+            torch.testing.assert_close(new[:2], old[:2], rtol=1e-4, atol=1e-5)  # tasks 0 and 1: untouched
+            assert (new[2] - old[2]).abs().max() > 1e-2  # task 2 is free to learn

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.stats
 import torch
 
 from hyperlora.embedding import (
@@ -16,12 +17,38 @@ from hyperlora.embedding import (
 )
 
 
-def test_comparison_matrix_uses_saatys_scale_and_is_reciprocal():
-    P = pairwise_comparison_matrix([1.0, 3.0, 2.0])
-    assert P[1, 0] == pytest.approx(9.0)  # best vs worst
-    assert P[2, 0] == pytest.approx(5.0)  # 1 + 8 * (2 - 1) / 2
+def test_comparison_matrix_without_resamples_is_the_clipped_score_ratio():
+    P = pairwise_comparison_matrix([0.1, 0.3, 0.2, 0.001])
+    assert P[1, 0] == pytest.approx(3.0) and P[2, 0] == pytest.approx(2.0)
+    assert P[1, 3] == pytest.approx(9.0) and P[3, 1] == pytest.approx(1 / 9)  # Saaty's scale ends at 9
+    np.testing.assert_allclose(P * P.T, np.ones((4, 4)))
+    np.testing.assert_array_equal(np.diag(P), np.ones(4))
+
+
+def test_comparison_matrix_from_resamples_weighs_the_ratio_by_how_often_the_order_holds():
+    resampled = np.array([[1.0, 2.0, 0.5], [1.0, 3.0, 2.0], [2.0, 2.5, 0.0], [1.0, 1.0, 3.0]])
+    scores = resampled.mean(0)
+    P = pairwise_comparison_matrix(scores, resampled)
+    wins_10 = (1 + 1 + 1 + 0.5) / 4  # task 1 beats task 0 in three resamples, ties in one
+    assert P[1, 0] == pytest.approx((scores[1] / scores[0]) ** (2 * wins_10 - 1))
+    assert P[0, 2] == pytest.approx(1.0)  # task 0 is as often ahead of task 2 as behind: no preference
     np.testing.assert_allclose(P * P.T, np.ones((3, 3)))
-    np.testing.assert_array_equal(np.diag(P), np.ones(3))
+    always = np.tile(scores, (5, 1))  # no resample reverses any order: the plain ratio
+    np.testing.assert_allclose(pairwise_comparison_matrix(scores, always), pairwise_comparison_matrix(scores))
+    with pytest.raises(ValueError, match="resampled must be"):
+        pairwise_comparison_matrix([1.0, 2.0], resampled)
+
+
+def test_gaps_within_the_noise_give_near_uniform_distances_and_clear_gaps_the_full_range():
+    rng = np.random.default_rng(0)
+    old = rng.normal(size=(4, 8))
+    tau = median_pairwise_distance(old)
+    noise = rng.normal(scale=1e-3, size=(200, 4))
+    tied = target_distances(0.5 + np.array([3e-6, 0, 1e-6, 2e-6]), old, resampled=0.5 + noise)
+    assert tied.distances.max() < 1.3 * tau  # the old code stretched a 3.6e-6 spread to 1x-14.7x tau
+    clear = target_distances([0.9, 0.1, 0.5, 0.3], old, resampled=np.array([0.9, 0.1, 0.5, 0.3]) + noise)
+    np.testing.assert_allclose(clear.distances, tau * np.array([1.0, 9.0, 1.8, 3.0]), rtol=1e-6)  # tau h_max / h_i
+    assert clear.consistency_ratio == pytest.approx(0.0, abs=1e-9)
 
 
 def test_priorities_match_scipy_eigenvector_sum_to_one_and_rank_like_scores():
@@ -41,17 +68,18 @@ def test_equal_scores_give_equal_weights_and_zero_consistency_ratio():
 
 
 def test_consistency_ratio_for_three_tasks_by_hand():
-    P = pairwise_comparison_matrix([1.0, 3.0, 2.0])
+    resampled = np.array([[1.0, 3.0, 2.0], [1.0, 3.0, 2.5], [1.5, 1.0, 2.0]])  # wins that do not follow the ratios
+    P = pairwise_comparison_matrix(resampled.mean(0), resampled)
     lam = np.max(np.linalg.eigvals(P).real)
-    _, ratio = ahp_priorities([1.0, 3.0, 2.0])
-    assert ratio == pytest.approx((lam - 3) / 2 / 0.58)
+    _, ratio = ahp_priorities(resampled.mean(0), resampled)
+    assert ratio > 0 and ratio == pytest.approx((lam - 3) / 2 / 0.58)
 
 
 def test_ahp_distances_put_the_most_transferable_task_at_tau():
     rng = np.random.default_rng(0)
     old = rng.normal(size=(4, 8))
     scores = [0.5, 3.0, 1.0, 2.0]
-    d = target_distances(scores, old)
+    d = target_distances(scores, old).distances
     tau = median_pairwise_distance(old)
     assert d[1] == pytest.approx(tau)
     assert np.all(d >= tau - 1e-12) and np.all(d <= 9 * tau + 1e-9)
@@ -60,7 +88,7 @@ def test_ahp_distances_put_the_most_transferable_task_at_tau():
 
 def test_minmax_and_none_normalisations():
     old = np.eye(3)
-    np.testing.assert_allclose(target_distances([1.0, 4.0, 2.0], old, "minmax", eps=0.1), [4.1, 1.1, 3.1])
+    np.testing.assert_allclose(target_distances([1.0, 4.0, 2.0], old, "minmax", eps=0.1).distances, [4.1, 1.1, 3.1])
     assert target_distances([1.0, 4.0, 2.0], old, "none") is None
     with pytest.raises(ValueError, match="normalisation must be one of"):
         target_distances([1.0], old[:1], "zscore")
@@ -68,17 +96,30 @@ def test_minmax_and_none_normalisations():
         target_distances([1.0, 2.0], old)
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_fit_recovers_distances_when_an_exact_solution_exists(k):
     rng = np.random.default_rng(k)
     old = rng.normal(size=(k, 6))
     truth = rng.normal(size=6)
     d = np.linalg.norm(old - truth, axis=1)
-    embedding, gamma = fit_h_embedding(old, d, steps=3000, seed=0)
+    embedding, gamma, rank = fit_h_embedding(old, d, seed=0)
     fitted = np.linalg.norm(old - embedding.numpy(), axis=1)
-    np.testing.assert_allclose(fitted, gamma * d, rtol=0.02)
+    np.testing.assert_allclose(fitted, gamma * d, rtol=1e-3)
     if k == 1:
-        assert gamma == 1.0
+        assert gamma == 1.0 and rank is None
+    else:
+        assert rank == pytest.approx(1.0)
+
+
+def test_fit_keeps_the_order_of_targets_it_cannot_meet_exactly():
+    """Ratios of up to 9 between old tasks a few tau apart cannot all hold in 32-d: the order still must."""
+    rng = np.random.default_rng(0)
+    old = rng.normal(size=(10, 32))
+    d = median_pairwise_distance(old) * rng.uniform(1, 9, size=10)
+    embedding, gamma, rank = fit_h_embedding(old, d, seed=0)
+    fitted = np.linalg.norm(old - embedding.numpy(), axis=1)
+    assert rank == pytest.approx(scipy.stats.spearmanr(fitted, d).statistic)
+    assert rank > 0.95 and gamma > 0
 
 
 def test_fit_is_deterministic_and_leaves_the_global_rng_alone():
@@ -86,22 +127,22 @@ def test_fit_is_deterministic_and_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     before = torch.rand(1)
     torch.manual_seed(0)
-    a, _ = fit_h_embedding(old, d, steps=100, seed=4)
+    a = fit_h_embedding(old, d, steps=100, seed=4).embedding
     assert torch.equal(torch.rand(1), before)
-    b, _ = fit_h_embedding(old, d, steps=100, seed=4)
+    b = fit_h_embedding(old, d, steps=100, seed=4).embedding
     assert torch.equal(a, b)
 
 
 def test_first_task_gets_a_seeded_random_vector():
-    a, gamma = fit_h_embedding(np.zeros((0, 5)), np.zeros(0), dim=5, seed=1)
-    b, _ = fit_h_embedding(np.zeros((0, 5)), np.zeros(0), dim=5, seed=1)
+    a, gamma, _ = fit_h_embedding(np.zeros((0, 5)), np.zeros(0), dim=5, seed=1)
+    b = fit_h_embedding(np.zeros((0, 5)), np.zeros(0), dim=5, seed=1).embedding
     assert a.shape == (5,) and torch.equal(a, b) and gamma == 1.0
     with pytest.raises(ValueError, match="dim is required"):
         fit_h_embedding(np.zeros((0, 5)), np.zeros(0))
 
 
 def test_fit_rejects_bad_input():
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="positive"):
         fit_h_embedding(np.eye(2), [-1.0, 1.0])
     with pytest.raises(ValueError, match="3 target distances but 2"):
         fit_h_embedding(np.eye(2), [1.0, 1.0, 1.0])

@@ -102,16 +102,16 @@ def _install_kill(point: str) -> None:
             return real_save_file(tensors, filename, metadata=metadata)
 
         trainer_module.save_file = save_file
-    elif point == "h_embedding":  # task 2, right after its first H-score (of task 0's adapter)
-        real_h_score = trainer_module.h_score
+    elif point == "h_embedding":  # task 2, right after its H-scores, before the embedding fit
+        real_transferability = trainer_module.transferability
 
-        def h_score_then_die(*args, **kwargs):
-            score = real_h_score(*args, **kwargs)
+        def transferability_then_die(*args, **kwargs):
+            scores = real_transferability(*args, **kwargs)
             if current["h"] == 2:
                 _die()
-            return score
+            return scores
 
-        trainer_module.h_score = h_score_then_die
+        trainer_module.transferability = transferability_then_die
     elif point != "none":
         raise ValueError(point)
 
@@ -188,7 +188,7 @@ def _assert_latest_checkpoint_loads(output_dir: Path, name: str) -> None:
     path = latest_checkpoint(output_dir / "checkpoints")
     assert path is not None and path.name == name
     assert json.loads((path / "state.json").read_text())["completed"] == int(name.removeprefix("task-")) + 1
-    for file in ("adapter/adapter_model.safetensors", "heads.safetensors", "router.safetensors"):
+    for file in ("adapter/adapter_model.safetensors", "heads.safetensors", "frozen.safetensors"):
         assert safetensors.torch.load_file(path / file)
 
 

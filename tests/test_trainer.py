@@ -113,10 +113,67 @@ def test_fit_writes_metrics_artifacts_and_plots(tmp_path, tasks):
     assert np.array(embeddings["embeddings"]).shape == (3, 8)
     for name in ("accuracy_matrix.png", "accuracy_matrix_class_incremental.png", "h_scores.png", "embeddings.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("adapter/adapter_model.safetensors", "heads.safetensors", "router.safetensors"):
+    for name in ("adapter/adapter_model.safetensors", "heads.safetensors", "frozen.safetensors"):
         assert (tmp_path / "final" / name).is_file()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "task-002"
     assert all(t > 0 for t in written["timings"]["train_s"])
+
+
+def _frozen_features(split: str, tasks: list[Task]) -> tuple[np.ndarray, np.ndarray]:
+    """The untouched backbone's features of every task's split, computed here without the trainer."""
+    from hyperlora.data import TaskImages, image_spec
+
+    backbone = tiny_vit().eval()
+    features, labels = [], []
+    for task in tasks:
+        images = TaskImages(getattr(task, split), image_spec(backbone).transform(), task.classes)
+        with torch.no_grad():
+            features.append(backbone(torch.stack([images[i][0] for i in range(len(images))])).double().numpy())
+        labels.append(np.asarray(getattr(task, split)["label"]))
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def test_frozen_baselines_match_scikit_learn_and_numpy_on_the_same_features(tmp_path, tasks):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    written = run(tmp_path, tasks, plots=False)["frozen_baselines"]
+    train_x, train_y = _frozen_features("train", tasks)
+    test_x, test_y = _frozen_features("test", tasks)
+    probes = []
+    for task in tasks:
+        train, test = np.isin(train_y, task.classes), np.isin(test_y, task.classes)
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(train_x[train], train_y[train])
+        probes.append(probe.score(test_x[test], test_y[test]))
+    np.testing.assert_allclose(written["linear_probe_per_task"], probes, atol=1e-9)
+    assert written["linear_probe"] == pytest.approx(np.mean(probes))
+    # LDA over all seen classes, as the router defines it: within-class covariance / (n - C), shrunk by 0.1 towards
+    # its mean variance, equal priors
+    classes = np.unique(train_y)
+    means = np.stack([train_x[train_y == c].mean(0) for c in classes])
+    centred = train_x - means[np.searchsorted(classes, train_y)]
+    covariance = centred.T @ centred / (len(train_y) - len(classes))
+    d = covariance.shape[0]
+    shrunk = 0.9 * covariance + 0.1 * np.trace(covariance) / d * np.eye(d)
+    weights = np.linalg.solve(shrunk, means.T)
+    scores = test_x @ weights - 0.5 * np.sum(means * weights.T, axis=1)
+    assert written["lda"] == pytest.approx(np.mean(classes[scores.argmax(1)] == test_y))
+    assert written["lda"] == written["lda_per_step"][-1]
+    assert 0.0 <= written["ncm"] <= 1.0 and len(written["ncm_per_step"]) == 3
+
+
+def test_h_scores_are_normalised_and_the_h_embedding_is_recorded(tmp_path, tasks):
+    results = run(tmp_path, tasks, plots=False)
+    h = np.array(results["h_scores"], dtype=float)
+    assert np.all((h[np.tril_indices(3, k=-1)] >= 0) & (h[np.tril_indices(3, k=-1)] <= 1))
+    assert results["h_score_features"] == "lda"
+    assert np.isnan(results["gamma"][0]) and results["gamma"][2] > 0
+    assert results["consistency_ratio"][2] >= 0 and -1 <= results["h_embedding_rank_correlation"][2] <= 1
+    embeddings = json.loads((tmp_path / "embeddings.json").read_text())
+    assert np.array(embeddings["h_embeddings"]).shape == (3, 8)
+    for key in ("consistency_ratio", "gamma", "h_embedding_rank_correlation"):
+        assert len(embeddings[key]) == 3
 
 
 def test_same_seed_same_results_and_resume_matches_uninterrupted(tmp_path, tasks, monkeypatch):
@@ -346,7 +403,7 @@ def test_models_that_return_logits_are_refused_saying_what_to_pass():
 def test_a_resume_from_a_damaged_checkpoint_is_refused_by_file_name_and_writes_nothing(tmp_path, tasks):
     run(tmp_path, tasks[:1])
     checkpoint = tmp_path / "checkpoints" / "task-000"
-    for name in ("adapter/adapter_model.safetensors", "heads.safetensors", "router.safetensors"):
+    for name in ("adapter/adapter_model.safetensors", "heads.safetensors", "frozen.safetensors"):
         intact = (checkpoint / name).read_bytes()
         (checkpoint / name).write_bytes(intact[:-1] + bytes([intact[-1] ^ 0xFF]))  # tensor data: still loads
         before = snapshot(tmp_path)
@@ -357,3 +414,14 @@ def test_a_resume_from_a_damaged_checkpoint_is_refused_by_file_name_and_writes_n
             assert snapshot(tmp_path) == before
         (checkpoint / name).write_bytes(intact)
     ContinualTrainer(tiny_vit(), config(), arguments(tmp_path, resume_from_checkpoint=True)).check_resume(tasks[:1])
+
+
+def test_learning_curves_end_at_each_tasks_accuracy_after_training(tmp_path, tasks):
+    results = run(tmp_path, tasks[:2], eval_curve_points=2)  # max_steps_per_task 3: points at steps 2 and 3
+    curves = results["learning_curves"]
+    assert [[step for step, _ in curve] for curve in curves] == [[2, 3], [2, 3]]
+    for t, curve in enumerate(curves):
+        assert curve[-1][1] == results["accuracy_matrix"][t][t]  # the same head and adapter, evaluated again
+    assert run(tmp_path / "none", tasks[:1])["learning_curves"] == [[]]
+    with pytest.raises(ValueError, match="eval_curve_points"):
+        ContinualTrainingArguments(eval_curve_points=-1)

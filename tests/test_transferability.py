@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
-from hyperlora.transferability import h_score
+from hyperlora.router import GaussianRouter
+from hyperlora.transferability import h_score, old_task_features, transferability
 
 
 def blobs(n: int = 300, d: int = 6, classes: int = 3, separation: float = 2.0, seed: int = 0):
@@ -79,3 +80,62 @@ def test_constant_features_score_zero():
 def test_bad_input_raises_a_clear_error(features, labels, match):
     with pytest.raises(ValueError, match=match):
         h_score(features, labels)
+
+
+def _two_old_tasks_and_a_new_one(n: int = 400, d: int = 40, seed: int = 0):
+    """Old task "u" separates its classes along u, old task "v" along v; the new task's classes differ along u."""
+    rng = np.random.default_rng(seed)
+    u, v = np.eye(d)[0], np.eye(d)[1]
+    noise = lambda: rng.normal(size=(n, d))  # noqa: E731
+    old_u, old_v, new = (np.arange(n) % 2, np.arange(n) % 2 + 2, np.arange(n) % 3)
+    router = GaussianRouter(d, shrinkage=0.1)
+    router.update(torch.tensor(noise() + 3 * np.outer(old_u, u)), torch.tensor(old_u), 0)
+    router.update(torch.tensor(noise() + 3 * np.outer(old_v - 2, v)), torch.tensor(old_v), 1)
+    return router, torch.tensor(noise() + 2 * np.outer(new, u)), new
+
+
+def test_lda_features_score_the_related_old_task_higher_and_stay_in_unit_range():
+    router, frozen, labels = _two_old_tasks_and_a_new_one()
+    features = old_task_features("lda", 2, lambda task: frozen if task is None else None, router=router)
+    assert [f.shape for f in features] == [(400, 2), (400, 2)]
+    result = transferability(features, labels)
+    assert 0 <= result.scores[1] < 0.05 and 0.3 < result.scores[0] <= 1
+    assert result.scores[0] == pytest.approx(h_score(features[0], labels) / 2)  # normalised by C - 1
+
+
+def test_pooled_features_saturate_when_samples_do_not_outnumber_dimensions():
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 4
+    noise = rng.normal(size=(60, 200)) / np.arange(1, 201)  # no information about the labels; a decaying spectrum
+    assert transferability([noise], labels, shrinkage=False).scores[0] == pytest.approx(1.0)  # the maximum
+    assert transferability([noise], labels).scores[0] > 0.5  # Ledoit-Wolf shrinks little on such a spectrum
+    projected = noise @ rng.normal(size=(200, 4))  # what "lda" and "head" give: C_i dimensions
+    assert transferability([projected], labels).scores[0] < 0.2
+
+
+def test_bootstrap_resamples_are_paired_seeded_and_centred_on_the_scores():
+    router, frozen, labels = _two_old_tasks_and_a_new_one()
+    features = old_task_features("lda", 2, lambda task: frozen, router=router)
+    a = transferability(features, labels, resamples=30, seed=5)
+    b = transferability(features, labels, resamples=30, seed=5)
+    np.testing.assert_array_equal(a.resampled, b.resampled)
+    assert a.resampled.shape == (30, 2) and (a.resampled[:, 0] > a.resampled[:, 1]).all()
+    np.testing.assert_allclose(a.resampled.mean(0), a.scores, atol=0.05)
+    assert transferability(features, labels).resampled is None
+
+
+def test_head_and_pooled_features_run_each_old_task():
+    calls = []
+
+    def features_of(task):
+        calls.append(task)
+        return torch.randn(10, 6, generator=torch.Generator().manual_seed(task))
+
+    heads = [torch.nn.Linear(6, 3), torch.nn.Linear(6, 2)]
+    logits = old_task_features("head", 2, features_of, heads=heads)
+    assert [tuple(f.shape) for f in logits] == [(10, 3), (10, 2)] and calls == [0, 1]
+    assert [tuple(f.shape) for f in old_task_features("pooled", 2, features_of)] == [(10, 6), (10, 6)]
+    with pytest.raises(ValueError, match="h_score_features must be one of"):
+        old_task_features("logits", 2, features_of)
+    with pytest.raises(ValueError, match="router"):
+        old_task_features("lda", 2, features_of)
