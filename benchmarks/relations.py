@@ -1,11 +1,13 @@
 """Do H-scores and H-embeddings capture task relations? Both against transfer measured on a family with graded
 relations, with the ground truth's own seed-to-seed agreement as the ceiling and a random score as the floor.
 
-The family (hyperlora.structured): orientation tasks (the orientation of a target bar among grey distractor bars) that
-differ only in the target's hue. Old tasks, trained in order with HyperLoRA: six orientation tasks at hues 0, 60, ...,
-300 degrees, then a count and a size task in other looks, which share nothing with orientation. Probes: few-shot
-orientation tasks at hues 20, 140 and 260 degrees; their relation to an old orientation task falls with the hue
-distance (20 to 160 degrees, all different), and is nil for the other factors.
+The family (hyperlora.structured): orientation tasks (the orientation of a target bar among distractor bars of the
+opposite hue) that differ only in the target's hue. Old tasks, trained in order with HyperLoRA: six orientation tasks
+at hues 0, 60, ..., 300 degrees, then a count and a size task in other looks, which share nothing with orientation.
+Probes: few-shot orientation tasks at hues 20, 140 and 260 degrees; their relation to an old orientation task falls
+with the hue distance (20 to 160 degrees, all different): near, the old adapter reads the probe's target; opposite,
+its distractors. (With grey distractors, any coloured bar is the target, and every orientation task transferred
+alike.)
 
 - **Ground truth.** For every (probe, old task): the probe's test log-likelihood after ``--transfer_steps`` AdamW
   steps of a new task embedding that starts at the old task's embedding and a fresh head (the hypernetwork frozen),
@@ -55,13 +57,17 @@ from hyperlora.transferability import H_SCORE_FEATURES, old_task_features, trans
 OLD_HUES = (0, 60, 120, 180, 240, 300)
 PROBE_HUES = (20, 140, 260)
 OTHER_FACTORS = ("count", "size")
-GREY, BACKGROUND = (150, 150, 150), (30, 30, 40)
+BACKGROUND = (30, 30, 40)
+
+
+def _colour(hue: float) -> tuple[int, int, int]:
+    return tuple(round(255 * c) for c in colorsys.hsv_to_rgb((hue % 360) / 360.0, 0.9, 1.0))
 
 
 def hue_domain(hue: float) -> Domain:
-    """A look that differs from the others only in the target's hue."""
-    target = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue / 360.0, 0.9, 1.0))
-    return Domain(background=BACKGROUND, texture="solid", target=target, distractor=GREY, kind="triangle")
+    """Targets of one hue among distractors of the opposite hue: telling them apart takes the hue itself, so an
+    adapter for one hue reads the wrong bar at the opposite hue, and neighbouring hues in between."""
+    return Domain(BACKGROUND, "solid", target=_colour(hue), distractor=_colour(hue + 180), kind="triangle")
 
 
 def old_specs() -> list[tuple[str, str, Domain]]:

@@ -122,6 +122,9 @@ def target_distances(
     return Targets(median_pairwise_distance(E) * np.minimum(weights.max() / weights, 9.0), ratio)
 
 
+GAMMA_PRIOR = 1e-3
+
+
 class HEmbedding(NamedTuple):
     """The fitted embedding, its scale gamma, and how well its distances follow the targets."""
 
@@ -140,10 +143,12 @@ def fit_h_embedding(
     dim: int | None = None,
     starts: int = 8,
 ) -> HEmbedding:
-    """The H-embedding: argmin over e (and a scale gamma) of sum_i (gamma d_i - ||e - e_i||)^2 / sum_i (gamma d_i)^2.
+    """The H-embedding: argmin over e (and a scale gamma) of sum_i (gamma d_i - ||e - e_i||)^2 / sum_i (gamma d_i)^2
+    + 1e-3 log(gamma)^2.
 
     gamma is learnt once there are two or more old tasks (with one, any distance is reachable at gamma = 1). The
-    relative squared error is smooth (Adam converges instead of circling a kink) and has no degenerate gamma -> 0.
+    relative squared error is smooth (Adam converges instead of circling a kink) and has no degenerate gamma -> 0;
+    the weak prior on gamma picks, among exact fits, the one at the targets' own scale rather than one far away.
     The fit runs from ``starts`` points at once (near the old embeddings with the smallest targets, and their
     centroid) with a cosine-decayed learning rate, and keeps the best. Without old tasks the H-embedding is a seeded
     N(0, 1) vector of size ``dim``. Deterministic for a seed; the global RNG is untouched.
@@ -181,7 +186,9 @@ def fit_h_embedding(
     def losses() -> torch.Tensor:
         target = log_gamma.exp()[:, None] * D
         distance = torch.sqrt(((e[:, None] - E) ** 2).sum(-1) + 1e-18)
-        return ((target - distance) ** 2).sum(1) / (target**2).sum(1)
+        # + a weak pull of gamma towards 1: targets with (nearly) equal ratios are met exactly by points arbitrarily
+        # far away at any large gamma; this keeps the embedding at the scale the targets were set in (tau)
+        return ((target - distance) ** 2).sum(1) / (target**2).sum(1) + GAMMA_PRIOR * log_gamma**2
 
     for _ in range(steps):
         optimizer.zero_grad()
