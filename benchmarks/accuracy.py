@@ -35,8 +35,8 @@ image folder), on a GPU when there is one. Every method reads the same budget (`
 Writes accuracy.json, accuracy.md (mean and std over seeds; the headroom, joint minus frozen LDA) and accuracy.png
 under the output directory, and for the structured sequence its relation matrix (relations.json); with ``--append``
 the runs are added to those already in accuracy.json (same benchmark), so methods can be run apart, and ``--merge``
-combines runs made in separate processes. Every structured report also refreshes lengths.md, the table of HyperLoRA,
-per-task and sequential LoRA and the frozen baselines at each number of tasks measured so far.
+combines runs made in separate processes. Every structured report also refreshes lengths.md in the folder above it:
+HyperLoRA, per-task and sequential LoRA and the frozen baselines at each number of tasks run into that folder.
 """
 
 from __future__ import annotations
@@ -697,8 +697,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv=None) -> None:
     cli = parse_args(argv)
     name = f"{cli.benchmark}-{cli.num_tasks}"
-    results_root = Path(__file__).parent / "results" / "accuracy"
-    out = Path(cli.output_dir or results_root / name)
+    out = Path(cli.output_dir or Path(__file__).parent / "results" / "accuracy" / name)
     out.mkdir(parents=True, exist_ok=True)
 
     runs: dict[str, list[dict]] = {}
@@ -724,8 +723,8 @@ def main(argv=None) -> None:
 
     def report() -> str:
         text = write_report(out, name, runs, budget, "; ".join(machines))
-        if cli.benchmark == "structured" and not cli.output_dir:
-            write_lengths_table(results_root)
+        if cli.benchmark == "structured":  # beside the other lengths run into the same folder
+            write_lengths_table(out.parent)
         return text
 
     if cli.merge:
