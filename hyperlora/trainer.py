@@ -192,6 +192,7 @@ class ContinualTrainer:
         self.output_dir = Path(self.args.output_dir)
         self.heads = nn.ModuleList()
         self.baselines: FrozenBaselines | None = None
+        self._frozen_test: dict[int, list[torch.Tensor]] = {}  # the frozen backbone's test features, per task
 
     @property
     def router(self) -> GaussianRouter | None:
@@ -505,11 +506,16 @@ class ContinualTrainer:
         for j in range(t + 1):
             loader = self._loader(tasks[j], "test")
             hits_til, hits_cil, hits_route, hits_probe, n = 0, 0, 0, 0, 0
+            # the backbone is frozen: its features of a test set are computed once, when the task is first seen
+            cached = self._frozen_test.setdefault(j, [])
             with torch.no_grad():
-                for pixel_values, labels in loader:
-                    frozen = self._forward(pixel_values, None)
-                    local = self.heads[j](self._forward(pixel_values, j)).argmax(-1)
-                    routed_task, predicted = self._class_incremental(pixel_values, frozen, t)
+                for b, (pixel_values, labels) in enumerate(loader):
+                    if b == len(cached):
+                        cached.append(self._forward(pixel_values, None))
+                    frozen = cached[b]
+                    features = self._forward(pixel_values, j)
+                    local = self.heads[j](features).argmax(-1)
+                    routed_task, predicted = self._class_incremental(pixel_values, frozen, t, j, features)
                     probe = self.baselines.probe_predict(j, frozen).to(device)
                     baseline = [self.baselines.predict(frozen)[name].to(device) for name in FROZEN_CLASS_INCREMENTAL]
                     local, labels, routed_task, predicted, probe, *baseline = self.accelerator.gather_for_metrics(
@@ -535,15 +541,21 @@ class ContinualTrainer:
             self._forward_transfer_probe(t, tasks, state)
 
     def _class_incremental(
-        self, pixel_values: torch.Tensor, frozen: torch.Tensor, t: int
+        self, pixel_values: torch.Tensor, frozen: torch.Tensor, t: int, j: int, features_j: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route each sample to a task, then let that task's adapter and head name the (global) class."""
+        """Route each sample to a task, then let that task's adapter and head name the (global) class. The batch comes
+        from task j's test set and ``features_j`` are its features under j's adapter: only samples routed elsewhere
+        need another forward."""
         if self.config.router == "gaussian":
             _, routed = self.router.predict(frozen.double().cpu())
             routed = routed.to(pixel_values.device)
         else:
-            routed = entropy_route([self.heads[i](self._forward(pixel_values, i)) for i in range(t + 1)])
-        features = self._forward(pixel_values, routed)
+            logits = [self.heads[i](features_j if i == j else self._forward(pixel_values, i)) for i in range(t + 1)]
+            routed = entropy_route(logits)
+        features = features_j.clone()
+        elsewhere = routed != j
+        if elsewhere.any():
+            features[elsewhere] = self._forward(pixel_values[elsewhere], routed[elsewhere])
         predicted = torch.empty_like(routed)
         for task_id in routed.unique().tolist():
             mask = routed == task_id
