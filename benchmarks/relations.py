@@ -1,13 +1,12 @@
-"""Do H-scores and H-embeddings capture task relations? Both against transfer measured on a family with graded
-relations, with the ground truth's own seed-to-seed agreement as the ceiling and a random score as the floor.
+"""Do H-scores and H-embeddings capture task relations? Both against transfer measured on the structured tasks, with
+the ground truth's own seed-to-seed agreement as the ceiling and a random score as the floor.
 
-The family (hyperlora.structured): orientation tasks (the orientation of a target bar among distractor bars of the
-opposite hue) that differ only in the target's hue. Old tasks, trained in order with HyperLoRA: six orientation tasks
-at hues 0, 60, ..., 300 degrees, then a count and a size task in other looks, which share nothing with orientation.
-Probes: few-shot orientation tasks at hues 20, 140 and 260 degrees; their relation to an old orientation task falls
-with the hue distance (20 to 160 degrees, all different): near, the old adapter reads the probe's target; opposite,
-its distractors. (With grey distractors, any coloured bar is the target, and every orientation task transferred
-alike.)
+Old tasks, trained in order with HyperLoRA: orientation, count, size and position tasks (hyperlora.structured), each
+factor in two looks (domains). Probes: a few-shot task per factor in a look of its own. A probe's relation to an old
+task is graded by construction: the two old tasks that ask about its factor share what it needs to read; the others
+ask about other factors, some closer to it than others (size and count both read how much of the target there is).
+(A first design, orientation tasks graded by hue, gave a flat transfer: any orientation adapter read any hue's
+orientation, so its ground truth was noise, with a seed-to-seed Spearman of 0.38.)
 
 - **Ground truth.** For every (probe, old task): the probe's test log-likelihood after ``--transfer_steps`` AdamW
   steps of a new task embedding that starts at the old task's embedding and a fresh head (the hypernetwork frozen),
@@ -20,13 +19,15 @@ alike.)
 - **Generated weights.** The cosine of the generated delta-W (all adapted modules) between old tasks, for pairs that
   ask about the same factor (related, hyperlora.structured.relation_matrix) and pairs that do not (unrelated).
 
+Runs on the GPU when there is one. Seeds can run apart (``--seeds 1 --output_dir ...``) and be combined with
+``--merge``.
+
     python benchmarks/relations.py --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
-import colorsys
 import datetime
 import json
 import math
@@ -54,31 +55,19 @@ from hyperlora.structured import Domain, TaskSpec, relation_matrix, shape_task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 from hyperlora.transferability import H_SCORE_FEATURES, old_task_features, transferability
 
-OLD_HUES = (0, 60, 120, 180, 240, 300)
-PROBE_HUES = (20, 140, 260)
-OTHER_FACTORS = ("count", "size")
-BACKGROUND = (30, 30, 40)
-
-
-def _colour(hue: float) -> tuple[int, int, int]:
-    return tuple(round(255 * c) for c in colorsys.hsv_to_rgb((hue % 360) / 360.0, 0.9, 1.0))
-
-
-def hue_domain(hue: float) -> Domain:
-    """Targets of one hue among distractors of the opposite hue: telling them apart takes the hue itself, so an
-    adapter for one hue reads the wrong bar at the opposite hue, and neighbouring hues in between."""
-    return Domain(BACKGROUND, "solid", target=_colour(hue), distractor=_colour(hue + 180), kind="triangle")
+RELATION_FACTORS = ("orientation", "count", "size", "position")
+DOMAINS_PER_FACTOR = 2
+PROBE_DOMAIN = 30  # probes' looks: domains 30, 31, ..., none of them an old task's
 
 
 def old_specs() -> list[tuple[str, str, Domain]]:
-    """(name, factor, domain) of every old task, in training order."""
-    specs = [(f"orientation-hue{hue:03d}", "orientation", hue_domain(hue)) for hue in OLD_HUES]
-    specs += [(f"{factor}-d{10 + k:02d}", factor, Domain.of(10 + k)) for k, factor in enumerate(OTHER_FACTORS)]
+    """(name, factor, domain) of every old task, in training order: each factor once, then each again in a new look."""
+    specs = []
+    for k in range(DOMAINS_PER_FACTOR):
+        for f, factor in enumerate(RELATION_FACTORS):
+            index = 10 + k * len(RELATION_FACTORS) + f
+            specs.append((f"{factor}-d{index:02d}", factor, Domain.of(index)))
     return specs
-
-
-def hue_distance(a: float, b: float) -> float:
-    return min(abs(a - b) % 360, 360 - abs(a - b) % 360)
 
 
 def build_tasks(seed: int, args: argparse.Namespace) -> tuple[list[Task], list[Task]]:
@@ -91,14 +80,14 @@ def build_tasks(seed: int, args: argparse.Namespace) -> tuple[list[Task], list[T
     ]
     probes = [
         shape_task(
-            f"probe-hue{hue:03d}",
-            "orientation",
-            hue_domain(hue),
+            f"probe-{factor}",
+            factor,
+            Domain.of(PROBE_DOMAIN + p),
             seed=(seed, 100 + p),
             train_per_class=args.probe_per_class,
             **common,
         )
-        for p, hue in enumerate(PROBE_HUES)
+        for p, factor in enumerate(RELATION_FACTORS)
     ]
     return old, probes
 
@@ -113,13 +102,18 @@ def _loader(task: Task, split: str, spec, shuffle: bool = False, seed: int = 0):
 def _features(model, loader, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     features, labels = [], []
     for pixel_values, y in loader:
+        pixel_values = pixel_values.to(_device(model))
         if task_id is None:
             with model.disable_adapter():
-                features.append(pooled_features(model(pixel_values)))
+                features.append(pooled_features(model(pixel_values)).float().cpu())
         else:
-            features.append(pooled_features(model(pixel_values, task_ids=task_id)))
+            features.append(pooled_features(model(pixel_values, task_ids=task_id)).float().cpu())
         labels.append(y)
     return torch.cat(features), torch.cat(labels)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def transfer(model, probe: Task, spec, start: torch.Tensor, steps: int, seed: int) -> tuple[float, float]:
@@ -132,12 +126,13 @@ def transfer(model, probe: Task, spec, start: torch.Tensor, steps: int, seed: in
         embedding.copy_(start)
     embedding.requires_grad_(True)
     torch.manual_seed(seed)
-    head = nn.Linear(embedding_dim(model, spec), probe.num_classes)
+    head = nn.Linear(embedding_dim(model, spec), probe.num_classes).to(_device(model))
     optimizer = torch.optim.AdamW([{"params": [embedding]}, {"params": head.parameters()}], lr=1e-2)
     step = 0
     while step < steps:
         for pixel_values, labels in _loader(probe, "train", spec, shuffle=True, seed=seed + step):
-            loss = F.cross_entropy(head(pooled_features(model(pixel_values, task_ids=scratch))), labels)
+            pixel_values, labels = pixel_values.to(embedding.device), labels.to(embedding.device)
+            loss = F.cross_entropy(head(pooled_features(model(pixel_values, task_ids=scratch)).float()), labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -147,14 +142,14 @@ def transfer(model, probe: Task, spec, start: torch.Tensor, steps: int, seed: in
     embedding.requires_grad_(False)
     features, labels = _features(model, _loader(probe, "test", spec), scratch)
     with torch.no_grad():
-        log_probs = torch.log_softmax(head(features), dim=-1)
+        log_probs = torch.log_softmax(head.cpu()(features), dim=-1)
     likelihood = log_probs.gather(1, labels[:, None]).mean().item()
     return likelihood, (log_probs.argmax(-1) == labels).float().mean().item()
 
 
 def embedding_dim(model, spec) -> int:
     with torch.no_grad(), model.disable_adapter():
-        return pooled_features(model(torch.zeros(1, 3, spec.size, spec.size))).shape[-1]
+        return pooled_features(model(torch.zeros(1, 3, spec.size, spec.size, device=_device(model)))).shape[-1]
 
 
 def delta_w_cosines(model) -> np.ndarray:
@@ -163,7 +158,7 @@ def delta_w_cosines(model) -> np.ndarray:
     with torch.no_grad():
         out = tuner.generate(list(range(tuner.num_tasks)))
         delta = torch.cat([torch.bmm(b, a).flatten(1) for a, b in zip(out.A, out.B, strict=True)], dim=1)
-    delta = F.normalize(delta.double(), dim=1)
+    delta = F.normalize(delta.double().cpu(), dim=1)
     return (delta @ delta.T).numpy()
 
 
@@ -185,7 +180,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     model = trainer.model
     model.requires_grad_(False)
     spec = image_spec(model, size)
-    old_embeddings = model.base_model.hypernet.stacked_task_embeddings().detach().clone()
+    old_embeddings = model.base_model.hypernet.stacked_task_embeddings().detach().cpu().clone()
     specs = [TaskSpec(factor, t) for t, (_, factor, _) in enumerate(old_specs())]
     cosines = delta_w_cosines(model)
     related = relation_matrix(specs)
@@ -194,6 +189,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     model.requires_grad_(False)
     rng = np.random.default_rng(seed)
 
+    heads = trainer.heads.cpu()  # beside the features, which come back on the CPU
     probes_out = []
     for p, probe in enumerate(probes):
         loader = _loader(probe, "train", spec)
@@ -205,7 +201,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 
         scores = {}
         for kind in H_SCORE_FEATURES:
-            old_features = old_task_features(kind, len(old), features_of, heads=trainer.heads, router=trainer.router)
+            old_features = old_task_features(kind, len(old), features_of, heads=heads, router=trainer.router)
             resamples = config.h_score_resamples if kind == config.h_score_features else 0
             scores[kind] = transferability(old_features, labels, resamples=resamples, seed=seed + p)
         chosen = scores[config.h_score_features]
@@ -225,7 +221,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             rows.append(
                 {
                     "old_task": name,
-                    "hue_distance": hue_distance(PROBE_HUES[p], OLD_HUES[i]) if factor == "orientation" else None,
+                    "same_factor": factor == RELATION_FACTORS[p],
                     **{f"h_score_{kind}": float(scores[kind].scores[i]) for kind in H_SCORE_FEATURES},
                     "embedding_distance": distance[i],
                     "random_score": float(rng.random()),
@@ -253,6 +249,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         )
     return {
         "seed": seed,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "h_score_features": config.h_score_features,
         "probes": probes_out,
         "delta_w_cosine": {
@@ -312,7 +309,8 @@ def _stat(values) -> dict[str, float | None]:
 
 
 def write_report(out: Path, runs: list[dict], args: argparse.Namespace) -> str:
-    machine = f"{platform.machine()}, torch {torch.__version__}"
+    devices = sorted({run.get("device", "cpu") for run in runs})
+    machine = f"{platform.machine()}, torch {torch.__version__}, {' and '.join(devices)}"
     summary = {
         "machine": machine,
         "date": datetime.date.today().isoformat(),
@@ -342,8 +340,8 @@ def write_report(out: Path, runs: list[dict], args: argparse.Namespace) -> str:
         "",
         f"Machine: {machine}; {summary['date']}. Command: `python benchmarks/relations.py --seeds "
         f"{' '.join(map(str, seeds))}`. Per probe over its {len(old_specs())} old tasks, averaged over the "
-        f"{len(PROBE_HUES)} probes. Transfer: the probe's test log-likelihood after {args.transfer_steps} steps from "
-        "the old task's embedding, minus from a random one.",
+        f"{len(RELATION_FACTORS)} probes (one per factor). Transfer: the probe's test log-likelihood after "
+        f"{args.transfer_steps} steps from the old task's embedding, minus from a random one.",
         "",
         "| score | Spearman with transfer |",
         "|---|---|",
@@ -369,13 +367,13 @@ def _plot(path: Path, runs: list[dict], default: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = ((axes[0], f"h_score_{default}", f"H-score ({default} features)"), (axes[1], "embedding_distance", ""))
     for ax, key, label in panels:
-        for p, hue in enumerate(PROBE_HUES):
+        for p, factor in enumerate(RELATION_FACTORS):
             rows = [row for run in runs for row in run["probes"][p]["pairs"]]
             ax.scatter(
                 [row[key] for row in rows],
                 [row["transfer_log_likelihood"] for row in rows],
                 color=f"C{p}",
-                label=f"probe at hue {hue}",
+                label=f"{factor} probe",
                 alpha=0.8,
             )
         ax.set_xlabel(label or "distance of the fitted H-embedding to the old task's embedding")
@@ -392,9 +390,9 @@ def _plot(path: Path, runs: list[dict], default: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--num_train_epochs", "--epochs", type=int, default=4, help="epochs per old task")
+    parser.add_argument("--num_train_epochs", "--epochs", type=int, default=8, help="epochs per old task")
     parser.add_argument("--learning_rate", type=float, default=2e-3, help="of the old tasks' training")
-    parser.add_argument("--old_per_class", type=int, default=100, help="training images per old task class")
+    parser.add_argument("--old_per_class", type=int, default=200, help="training images per old task class")
     parser.add_argument("--probe_per_class", type=int, default=25, help="few-shot training images per probe class")
     parser.add_argument("--test_per_class", type=int, default=100)
     parser.add_argument("--transfer_steps", "--steps", type=int, default=30, help="the ground truth's short budget")
