@@ -491,7 +491,9 @@ COLUMNS = [
 
 
 def this_machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, torch {torch.__version__}{gpu}"
 
 
 def _mean(results: list[dict], key: str) -> float | None:
@@ -569,8 +571,8 @@ def write_lengths_table(root: Path) -> str | None:
     lines = [
         "# The structured sequence at every length: FAA (task-IL) / accuracy over all classes (class-IL), %",
         "",
-        "| tasks | seeds | " + " | ".join(LENGTH_METHODS) + " |",
-        "|---|---|" + "---|" * len(LENGTH_METHODS),
+        "| tasks | seeds | budget per task | " + " | ".join(LENGTH_METHODS) + " |",
+        "|---|---|---|" + "---|" * len(LENGTH_METHODS),
     ]
     for report in reports:
         runs = report["runs"]
@@ -580,7 +582,9 @@ def write_lengths_table(root: Path) -> str | None:
             results = runs.get(method, [])
             til, cil = _mean(results, "faa"), _mean(results, "class_il_faa")
             cells.append(" / ".join("-" if v is None else f"{100 * v:.2f}" for v in (til, cil)))
-        lines.append(f"| {report['benchmark'].split('-')[1]} | {seeds} | " + " | ".join(cells) + " |")
+        budget = report["budget"]
+        per_task = f"{budget['epochs']} epochs x {budget.get('train_per_class', '-')} images per class"
+        lines.append(f"| {report['benchmark'].split('-')[1]} | {seeds} | {per_task} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(root / "lengths.md", text)
     return text

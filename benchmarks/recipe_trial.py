@@ -6,8 +6,9 @@ autocast, one seed. Accuracy here says nothing about the method (random-init bac
 reports is that the run finishes, its per-task time and the peak GPU memory. Writes ``<name>.md`` and the run's
 metrics.json under ``--output_dir``.
 
-    python benchmarks/recipe_trial.py --mixed_precision bf16
-    python benchmarks/recipe_trial.py --model_name_or_path vit_tiny_patch16_224 --image_size 64 --quick   # CPU check
+    python benchmarks/recipe_trial.py
+    python benchmarks/recipe_trial.py --model_name_or_path vit_tiny_patch16_224 --image_size 32 --mixed_precision no \\
+        --quick                                      # a CPU check
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import common
 import imagenet_r
 
 from hyperlora.checkpoint import atomic_write_text
+from hyperlora.cli import parse
 from hyperlora.structured import structured_tasks
 
 
@@ -51,24 +53,26 @@ def write_folder(root: Path, args: argparse.Namespace) -> Path:
     return root
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_tasks", type=int, default=5)
     parser.add_argument("--train_per_class", type=int, default=100)
     parser.add_argument("--test_per_class", type=int, default=25)
     parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--model_name_or_path", default="vit_base_patch16_224")
+    parser.add_argument("--model_name_or_path", default="vit_base_patch16_224", help="a timm model, random init")
+    parser.add_argument("--model_kwargs", default=None, help="extra timm.create_model arguments as JSON")
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--num_train_epochs", type=int, default=2)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps per task, to check that it runs")
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results" / "recipe_trial"))
-    parser.add_argument("--name", default="recipe_trial")
-    return parser.parse_known_args(argv)  # anything else goes to the recipe
+    parser.add_argument("--name", default="recipe_trial", help="output file stem: <name>.md, <name>_metrics.json")
+    return parse(parser, argv, aliases={"num_epochs": "num_train_epochs"})
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, recipe_args = parse_args(argv)
+    args = parse_args(argv)
     out = Path(args.output_dir)
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,15 +83,16 @@ def main(argv: list[str] | None = None) -> None:
         recipe = ["--dataset_name", str(folder), "--model_name_or_path", args.model_name_or_path, "--no_pretrained"]
         recipe += ["--num_tasks", str(args.num_tasks), "--num_train_epochs", str(args.num_train_epochs)]
         recipe += ["--mixed_precision", args.mixed_precision, "--seed", str(args.seed), "--num_seeds", "1"]
-        recipe += ["--report_to", "none", "--output_dir", str(run_dir), "--dataloader_num_workers", "4"]
-        if args.image_size != 224:
-            recipe += ["--model_kwargs", json.dumps({"img_size": args.image_size})]
+        recipe += ["--per_device_train_batch_size", str(args.per_device_train_batch_size), "--report_to", "none"]
+        recipe += ["--output_dir", str(run_dir), "--dataloader_num_workers", "4" if cuda else "0"]
+        model_kwargs = {"img_size": args.image_size} | json.loads(args.model_kwargs or "{}")
+        recipe += ["--model_kwargs", json.dumps(model_kwargs)]
         if args.quick:
             recipe += ["--max_steps_per_task", "3"]
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        common.run(imagenet_r.DEFAULTS, [*recipe, *recipe_args])
+        common.run(imagenet_r.DEFAULTS, recipe)
         run_s = time.perf_counter() - start
         metrics = json.loads((run_dir / "seed-0" / "metrics.json").read_text())
         protocol = json.loads((run_dir / "protocol.json").read_text())

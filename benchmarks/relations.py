@@ -164,6 +164,7 @@ def delta_w_cosines(model) -> np.ndarray:
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     old, probes = build_tasks(seed, args)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     backbone, config, size = build_backbone("efficientnet")
     with tempfile.TemporaryDirectory(prefix="relations-") as tmp:
@@ -249,7 +250,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         )
     return {
         "seed": seed,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": device,
+        "machine": f"{platform.machine()}, torch {torch.__version__}, {device}",
         "h_score_features": config.h_score_features,
         "probes": probes_out,
         "delta_w_cosine": {
@@ -309,8 +311,7 @@ def _stat(values) -> dict[str, float | None]:
 
 
 def write_report(out: Path, runs: list[dict], args: argparse.Namespace) -> str:
-    devices = sorted({run.get("device", "cpu") for run in runs})
-    machine = f"{platform.machine()}, torch {torch.__version__}, {' and '.join(devices)}"
+    machine = "; ".join(sorted({run.get("machine", run.get("device", "cpu")) for run in runs}))
     summary = {
         "machine": machine,
         "date": datetime.date.today().isoformat(),

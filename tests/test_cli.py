@@ -16,6 +16,7 @@ import accuracy  # noqa: E402
 import common  # noqa: E402
 import imagenet_r  # noqa: E402
 import quickstart  # noqa: E402
+import recipe_trial  # noqa: E402
 import relations  # noqa: E402
 import scale  # noqa: E402
 import speed  # noqa: E402
@@ -34,6 +35,7 @@ SCRIPTS = {
     "quickstart": (quickstart.parse_args, "--num_epochs", "num_train_epochs"),
     "accuracy": (accuracy.parse_args, "--epochs", "num_train_epochs"),
     "relations": (relations.parse_args, "--epochs", "num_train_epochs"),
+    "recipe_trial": (recipe_trial.parse_args, "--num_epochs", "num_train_epochs"),
     "scale": (scale.parse_args, "--batch_size", "per_device_train_batch_size"),
     "speed": (speed.parse, "--batch-size", "per_device_train_batch_size"),
 }

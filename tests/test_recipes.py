@@ -418,3 +418,18 @@ def test_accuracy_benchmark_on_the_structured_sequence_reports_frozen_baselines_
 
     lengths = accuracy.write_lengths_table(tmp_path)
     assert lengths is not None and "| 2 | [0] |" in lengths and (tmp_path / "lengths.md").is_file()
+
+
+def test_recipe_trial_writes_the_structured_tasks_as_a_folder_and_runs_the_recipe_on_its_splits(tmp_path):
+    """benchmarks/recipe_trial.py, the GPU check, on the CPU with a one-block ViT."""
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
+    import recipe_trial
+
+    recipe_trial.main(["--model_name_or_path", "vit_tiny_patch16_224", "--image_size", "32", "--num_tasks", "2",
+                       "--train_per_class", "4", "--test_per_class", "2", "--mixed_precision", "no", "--quick",
+                       "--model_kwargs", '{"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}',
+                       "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path)])  # fmt: skip
+    metrics = read(tmp_path / "recipe_trial_metrics.json")
+    assert metrics["evaluated_samples"] == [8, 8]  # 2 tasks x 4 classes x 2 test images: the folder's test/
+    text = (tmp_path / "recipe_trial.md").read_text()
+    assert "train_split='train', test_split='test'" in text and "peak GPU memory" in text
