@@ -35,7 +35,7 @@ from hyperlora import cli
 TARGET_MODULES = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 NUM_CLASSES = 10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-NO_GPU_NOTE = "No GPU machine was available for this run: the ViT-B/16 224 px bf16 table is not measured"
+NO_GPU_NOTE = "This run is on the CPU: the ViT-B/16 224 px bf16 table is measured on a GPU (speed_gpu.md beside it)"
 
 # Variants the builder knows; every one starts from the same seeded base model.
 #   bare: the base model alone; lora: PEFT LoRA, one adapter; lora10: PEFT LoRA, 10 adapters;
@@ -440,7 +440,7 @@ def markdown(result: dict) -> str:
             "",
             "## GPU",
             "",
-            NO_GPU_NOTE + ". The same script measures it on a CUDA machine:",
+            NO_GPU_NOTE + ", with:",
             "",
             "```bash",
             "python benchmarks/speed.py --device cuda --model_name_or_path vit_base_patch16_224 --image_size 224 "
