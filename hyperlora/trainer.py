@@ -517,7 +517,8 @@ class ContinualTrainer:
                     local = self.heads[j](features).argmax(-1)
                     routed_task, predicted = self._class_incremental(pixel_values, frozen, t, j, features)
                     probe = self.baselines.probe_predict(j, frozen).to(device)
-                    baseline = [self.baselines.predict(frozen)[name].to(device) for name in FROZEN_CLASS_INCREMENTAL]
+                    guesses = self.baselines.predict(frozen)
+                    baseline = [guesses[name].to(device) for name in FROZEN_CLASS_INCREMENTAL]
                     local, labels, routed_task, predicted, probe, *baseline = self.accelerator.gather_for_metrics(
                         (local, labels, routed_task, predicted, probe, *baseline)
                     )
