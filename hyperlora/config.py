@@ -16,6 +16,7 @@ from peft import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .checkpoint import check_sha256, sha256, umask
+from .transferability import H_SCORE_FEATURES
 
 PEFT_TYPE = "HYPERLORA"
 
@@ -25,7 +26,7 @@ Router = Literal["gaussian", "entropy"]
 HScoreFeatures = Literal["lda", "head", "pooled"]
 
 _CHOICES = {
-    "h_score_features": ("lda", "head", "pooled"),
+    "h_score_features": H_SCORE_FEATURES,
     "normalisation": ("ahp", "minmax", "none"),
     "embedding_init": ("h_embedding", "random"),
     "router": ("gaussian", "entropy"),
