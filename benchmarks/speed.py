@@ -38,10 +38,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_GPU_NOTE = "This run is on the CPU: the ViT-B/16 224 px bf16 table is measured on a GPU (speed_gpu.md beside it)"
 
 # Variants the builder knows; every one starts from the same seeded base model.
-#   bare: the base model alone; lora: PEFT LoRA, one adapter; lora10: PEFT LoRA, 10 adapters;
+#   bare: the base model alone; lora: PEFT LoRA, one adapter; lora10: PEFT LoRA, 10 adapters; lora_merged: PEFT
+#   LoRA's adapter merged (merge_adapter: its layers stay wrapped, as HyperLoRA's do after merge_task);
 #   hyper1 / hyper10: HyperLoRA with 1 / 10 tasks registered (the last one active); hyper_merged: 10 tasks, the
 #   active one merged into the weights.
-VARIANTS = ("bare", "lora", "lora10", "hyper1", "hyper10", "hyper_merged")
+VARIANTS = ("bare", "lora", "lora10", "lora_merged", "hyper1", "hyper10", "hyper_merged")
 
 
 # --- models --------------------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def build(variant: str, args: argparse.Namespace) -> tuple[nn.Module, nn.Linear]
     base = base_model(args)
     if variant == "bare":
         model = base
-    elif variant in ("lora", "lora10"):
+    elif variant in ("lora", "lora10", "lora_merged"):
         config = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=TARGET_MODULES)
         model = get_peft_model(base, config, adapter_name="task0")
         for t in range(1, args.num_tasks if variant == "lora10" else 1):
@@ -82,6 +83,8 @@ def build(variant: str, args: argparse.Namespace) -> tuple[nn.Module, nn.Linear]
     head.to(args.device, DTYPES[args.dtype])
     if variant == "hyper_merged":
         model.merge_task(model.active_task)
+    elif variant == "lora_merged":
+        model.merge_adapter()
     return model, head
 
 
@@ -533,6 +536,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     calls = {
         "bare base model": infer(models["bare"][0], x),
         "HyperLoRA merged": infer(models["hyper_merged"][0], x),
+        "PEFT LoRA merged": infer(models["lora_merged"][0], x),
         "PEFT LoRA unmerged (1 adapter)": infer(models["lora"][0], x),
         "HyperLoRA unmerged, one task": infer(models["hyper10"][0], x),
         "HyperLoRA per-sample task ids": infer(models["hyper10"][0], x, task_ids=torch.tensor(ids, device=args.device)),
@@ -579,6 +583,14 @@ def main(argv: list[str] | None = None) -> dict | None:
             "bare base model",
             "ms",
             1.01,
+        ),
+        ratio_row(
+            "inference, merged task, for reference",
+            med(inf, "HyperLoRA merged"),
+            med(inf, "PEFT LoRA merged"),
+            "PEFT LoRA merged",
+            "ms",
+            None,
         ),
         ratio_row(
             "inference, unmerged, one task per batch",

@@ -98,8 +98,8 @@ class HyperLoraLayer(BaseTunerLayer, nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
-            return result
+        if self.disable_adapters or (self.merged_adapters and not self._generated):
+            return result  # merged: the base weight carries the task, nothing to look up (inference at base cost)
         for name in self.active_adapters:
             if name not in self.module_index:
                 continue

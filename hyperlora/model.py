@@ -186,19 +186,22 @@ class HyperLoraModel(BaseTuner):
     @contextmanager
     def _task_weights(self, task_ids: TaskIds) -> Iterator[None]:
         """Generate the requested tasks' factors once and hand each layer its own for the length of one forward."""
+        handed_out = False
         try:
             for name in self.active_adapters:
-                self._hand_out(name, self.hyperlora_hypernet[name], task_ids)
+                handed_out |= self._hand_out(name, self.hyperlora_hypernet[name], task_ids)
             yield
         finally:
-            for layer in self._layers:
-                layer.clear_generated()
+            if handed_out:
+                for layer in self._layers:
+                    layer.clear_generated()
 
-    def _hand_out(self, name: str, hypernet: HyperNetwork, task_ids: TaskIds) -> None:
+    def _hand_out(self, name: str, hypernet: HyperNetwork, task_ids: TaskIds) -> bool:
+        """Hand each layer its factors; False when the merged weights already carry the task (nothing handed)."""
         tasks, ids = _resolve_task_ids(hypernet, task_ids)
         if hypernet.merged_task is not None:
             if tasks == [hypernet.merged_task]:
-                return  # the merged weights already carry this task
+                return False
             raise ValueError(
                 f"task {hypernet.merged_task} is merged into the weights; call unmerge() before running task(s) {tasks}"
             )
@@ -219,6 +222,7 @@ class HyperLoraModel(BaseTuner):
             m = layer.module_index.get(name)
             if m is not None:
                 layer.set_generated(name, (A[m][select], B[m][select], index))
+        return True
 
     def _factors(
         self, name: str, hypernet: HyperNetwork, tasks: list[int]
