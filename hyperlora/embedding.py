@@ -104,7 +104,12 @@ def target_distances(
 ) -> Targets | None:
     """How far the new task's embedding should sit from each old one: close to the old tasks that transfer best.
 
-    "ahp": d_i = tau * min(w_max / w_i, 9) with AHP priorities w (the best old task at tau, the rest at most 9 tau);
+    "ahp": d_i = tau * (1 + (r_i - 1) / 8) with r_i = min(w_max / w_i, 9) from the AHP priorities w: Saaty's 1-9 scale
+    mapped onto [tau, 2 tau]. The best old task sits at tau, the distance of an unrelated embedding, and no target
+    is closer; 2 tau is as far as the triangle inequality lets the embedding be from one old task while it is tau
+    from another that is tau away. (Ratios up to 9 as distances are out of reach at that scale: the fit meets them
+    by shrinking gamma to 0.12-0.23, which sets the new task almost on its best old one, where the regulariser holding
+    the old task's output also holds the new task's.)
     "minmax": the authors' earlier d_i = (h_max - h_i) + eps + h_min; "none": no guidance (returns None).
     """
     if normalisation not in NORMALISATIONS:
@@ -118,8 +123,9 @@ def target_distances(
     if normalisation == "minmax":
         return Targets((h.max() - h) + eps + h.min(), None)
     weights, ratio = ahp_priorities(h, resampled)
-    # The eigenvector of an inconsistent matrix can spread past Saaty's 1-9 range; clip to keep d_i <= 9 tau.
-    return Targets(median_pairwise_distance(E) * np.minimum(weights.max() / weights, 9.0), ratio)
+    # The eigenvector of an inconsistent matrix can spread past Saaty's 1-9 range: clip to it.
+    saaty = np.minimum(weights.max() / weights, 9.0)
+    return Targets(median_pairwise_distance(E) * (1.0 + (saaty - 1.0) / 8.0), ratio)
 
 
 GAMMA_PRIOR = 1e-3

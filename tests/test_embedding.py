@@ -47,7 +47,8 @@ def test_gaps_within_the_noise_give_near_uniform_distances_and_clear_gaps_the_fu
     tied = target_distances(0.5 + np.array([3e-6, 0, 1e-6, 2e-6]), old, resampled=0.5 + noise)
     assert tied.distances.max() < 1.3 * tau  # the old code stretched a 3.6e-6 spread to 1x-14.7x tau
     clear = target_distances([0.9, 0.1, 0.5, 0.3], old, resampled=np.array([0.9, 0.1, 0.5, 0.3]) + noise)
-    np.testing.assert_allclose(clear.distances, tau * np.array([1.0, 9.0, 1.8, 3.0]), rtol=1e-6)  # tau h_max / h_i
+    saaty = np.array([1.0, 9.0, 1.8, 3.0])  # h_max / h_i
+    np.testing.assert_allclose(clear.distances, tau * (1 + (saaty - 1) / 8), rtol=1e-6)
     assert clear.consistency_ratio == pytest.approx(0.0, abs=1e-9)
 
 
@@ -82,8 +83,18 @@ def test_ahp_distances_put_the_most_transferable_task_at_tau():
     d = target_distances(scores, old).distances
     tau = median_pairwise_distance(old)
     assert d[1] == pytest.approx(tau)
-    assert np.all(d >= tau - 1e-12) and np.all(d <= 9 * tau + 1e-9)
+    assert np.all(d >= tau - 1e-12) and np.all(d <= 2 * tau + 1e-9)
     assert list(np.argsort(d)) == list(np.argsort(scores))[::-1]
+
+
+def test_the_fitted_h_embedding_stays_as_far_from_every_old_task_as_an_unrelated_one():
+    """Saaty's ratios as distances (tau to 7 tau here) are met exactly at gamma ~0.2, a quarter tau from the best old
+    task (H-scores of a trainer run on the structured sequence)."""
+    old = np.random.default_rng(0).normal(size=(3, 32))
+    embedding, gamma, rank = fit_h_embedding(old, target_distances([0.14, 0.03, 0.02], old).distances, seed=0)
+    fitted = np.linalg.norm(old - embedding.numpy(), axis=1)
+    assert fitted.min() > 0.9 * median_pairwise_distance(old)
+    assert gamma == pytest.approx(1.0, abs=0.1) and rank == pytest.approx(1.0)
 
 
 def test_minmax_and_none_normalisations():
