@@ -571,6 +571,27 @@ def test_merged_forward_skips_the_hypernet(timm_vit, vit_images):
     counter.remove()
 
 
+def test_merged_forward_touches_no_layer_state(timm_vit, vit_images, monkeypatch):
+    """Inference at the base cost: a merged forward neither hands factors to the layers nor clears them."""
+    model = get_peft_model(timm_vit, small_config())
+    model.add_task()
+    perturb(model)
+    model.merge_task(0)
+    calls = []
+    for method in ("set_generated", "clear_generated"):
+        original = getattr(HyperLoraLayer, method)
+        monkeypatch.setattr(
+            HyperLoraLayer, method, lambda self, *a, _m=method, _f=original: calls.append(_m) or _f(self, *a)
+        )
+    with torch.no_grad():
+        model(vit_images)
+    assert calls == []
+    model.unmerge()
+    with torch.no_grad():
+        model(vit_images)
+    assert calls.count("set_generated") == len(adapted_names(model)) and "clear_generated" in calls
+
+
 def test_merge_task_rejects_unknown_task(timm_vit):
     model = get_peft_model(timm_vit, small_config())
     model.add_task()
