@@ -392,6 +392,23 @@ def test_lora_baselines_adapt_the_same_modules_as_hyperlora():
     assert lora.peft_config["default"].r == 4 and lora.peft_config["default"].lora_alpha == 8
 
 
+def test_quickstart_backbone_pads_inside_its_convolutions_with_the_same_features():
+    import quickstart
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+    from torch import nn
+
+    folded = quickstart.PooledEfficientNet().eval()
+    reference = EfficientNet.from_name("efficientnet-lite0").eval()  # the package's own padded convolutions
+    reference.load_state_dict(folded.net.state_dict())
+    pads = [m.static_padding for m in folded.net.modules() if hasattr(m, "static_padding")]
+    assert sum(isinstance(p, nn.ZeroPad2d) for p in pads) == 5  # only the asymmetric stride-2 ones are left
+    assert sum(isinstance(getattr(m, "static_padding", None), nn.ZeroPad2d) for m in reference.modules()) == 17
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), reference.extract_features(x).mean(dim=(2, 3)), rtol=0, atol=1e-6)
+
+
 def test_accuracy_benchmark_on_the_structured_sequence_reports_frozen_baselines_headroom_and_relations(tmp_path):
     """benchmarks/accuracy.py --benchmark structured: the quickstart's backbone and sequence, tiny."""
     sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
