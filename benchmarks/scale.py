@@ -90,9 +90,10 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(head(model(x)), y)
         reg_tasks = torch.randperm(t, generator=sampler)[: config.reg_max_tasks].tolist() if t else []
         out = tuner.generate([*reg_tasks, t])
+        with tuner.use_generated(out, [*reg_tasks, t]):
+            loss = F.cross_entropy(head(model(x)), y)
         if reg_tasks:
             loss = loss + config.beta_reg * output_regulariser(out, reg_tasks, *targets)
         loss = loss + guidance_loss(decoder, out.hidden[-1:], h_target)

@@ -101,25 +101,42 @@ def image_spec(model: nn.Module, size: int | None = None) -> ImageSpec:
 
 
 class TaskImages(torch.utils.data.Dataset):
-    """A task split as (pixel_values, local label) pairs; local labels index the task's sorted classes."""
+    """A task split as (pixel_values, local label) pairs; local labels index the task's sorted classes.
 
-    def __init__(self, dataset, transform: Callable, classes: Sequence[int], indices: Sequence[int] | None = None):
+    ``cache`` keeps every item once transformed (only for a deterministic transform): a split read every epoch and
+    at every evaluation is then decoded once. The cache lives in this object, so it helps loaders without workers.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        transform: Callable,
+        classes: Sequence[int],
+        indices: Sequence[int] | None = None,
+        *,
+        cache: bool = False,
+    ):
         self.dataset = dataset
         self.transform = transform
         self.local = {label: i for i, label in enumerate(classes)}
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        self._cached: dict[int, tuple[torch.Tensor, int]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        example = self.dataset[self.indices[i]]
+        index = self.indices[i]
+        if self._cached is not None and index in self._cached:
+            return self._cached[index]
+        example = self.dataset[index]
         label = example["label"]
         if label not in self.local:  # a bare KeyError(7) would not say whose label it is
-            raise ValueError(
-                f"example {self.indices[i]} has label {label!r}, not one of this task's {list(self.local)}"
-            )
-        return self.transform(example["image"]), self.local[label]
+            raise ValueError(f"example {index} has label {label!r}, not one of this task's {list(self.local)}")
+        item = self.transform(example["image"]), self.local[label]
+        if self._cached is not None:
+            self._cached[index] = item
+        return item
 
 
 def pooled_features(output) -> torch.Tensor:

@@ -67,6 +67,7 @@ class HyperLoraModel(BaseTuner):
         if "hyperlora_hypernet" not in self._modules:
             self.hyperlora_hypernet = nn.ModuleDict()
             self._weight_cache: dict[str, tuple[tuple, HypernetOutput]] = {}
+            self._given: tuple[str, HypernetOutput, dict[int, int]] | None = None  # see use_generated
             self._layers: list[HyperLoraLayer] = []
             # what PEFT is about to freeze, for _restore_base_model
             self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -151,6 +152,16 @@ class HyperLoraModel(BaseTuner):
             hypernet.check_task(task_id)
         return hypernet(hypernet.stacked_task_embeddings(task_ids))
 
+    @contextmanager
+    def use_generated(self, generated: HypernetOutput, task_ids: Sequence[int]) -> Iterator[None]:
+        """Forwards inside take the active adapter's factors from ``generated`` (rows in ``task_ids`` order) instead
+        of running the hypernetwork again: a training step whose losses also read generated weights runs it once."""
+        self._given = (self.active_adapters[0], generated, {task: row for row, task in enumerate(task_ids)})
+        try:
+            yield
+        finally:
+            self._given = None
+
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         self.unmerge()
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -228,6 +239,9 @@ class HyperLoraModel(BaseTuner):
         self, name: str, hypernet: HyperNetwork, tasks: list[int]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, int]]:
         """Fresh (differentiable) factors while training; all tasks once, cached until a parameter changes, else."""
+        if self._given is not None and self._given[0] == name and all(task in self._given[2] for task in tasks):
+            _, out, rows = self._given
+            return out.A, out.B, rows
         building_graph = torch.is_grad_enabled() and any(p.requires_grad for p in hypernet.parameters())
         if building_graph:
             out = hypernet(hypernet.stacked_task_embeddings(tasks))

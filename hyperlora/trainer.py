@@ -127,6 +127,9 @@ class ContinualTrainingArguments:
 
 # Checkpoint files whose SHA-256 state.json records (the adapter's adapter_config.json records its weights').
 _CHECKED_FILES = ("heads.safetensors", "frozen.safetensors")
+# Decoded unaugmented images kept in memory: test splits are read at every evaluation, a training split every epoch
+# (without augmentation), and decoding is a fifth of a small run's time. Splits past the budget are read as they come.
+IMAGE_CACHE_BYTES = 1 << 30
 # The frozen-feature classifiers every run reports beside its own accuracy (hyperlora.baselines).
 FROZEN_CLASS_INCREMENTAL = ("ncm", "lda")
 
@@ -141,16 +144,17 @@ class _TaskStep(nn.Module):
         self.config = config
 
     def forward(self, pixel_values, labels, task_id: int, reg_tasks: list[int], h_embedding, beta_emb: float):
-        logits = self.head(pooled_features(self.model(pixel_values)))
+        # one hypernetwork pass serves the forward (task t, last row) and the losses (the sampled old tasks)
+        tasks = [*reg_tasks, task_id]
+        out = self.model.base_model.generate(tasks)
+        with self.model.base_model.use_generated(out, tasks):
+            logits = self.head(pooled_features(self.model(pixel_values)))
         ce = F.cross_entropy(logits.float(), labels)
         losses = {"ce": ce}
-        extra = reg_tasks + ([task_id] if self.decoder is not None else [])
-        if extra:
-            out = self.model.base_model.generate(extra)
-            if reg_tasks:
-                losses["reg"] = output_regulariser(out, reg_tasks, *self.reg_targets)
-            if self.decoder is not None:
-                losses["emb"] = guidance_loss(self.decoder, out.hidden[-1:].float(), h_embedding)
+        if reg_tasks:
+            losses["reg"] = output_regulariser(out, reg_tasks, *self.reg_targets)
+        if self.decoder is not None:
+            losses["emb"] = guidance_loss(self.decoder, out.hidden[-1:].float(), h_embedding)
         loss = ce + self.config.beta_reg * losses.get("reg", 0.0) + beta_emb * losses.get("emb", 0.0)
         return loss, {k: v.detach() for k, v in losses.items()}
 
@@ -193,6 +197,7 @@ class ContinualTrainer:
         self.heads = nn.ModuleList()
         self.baselines: FrozenBaselines | None = None
         self._frozen_test: dict[int, list[torch.Tensor]] = {}  # the frozen backbone's test features, per task
+        self._decoded: dict[tuple[str, str], tuple[TaskImages, int]] = {}  # (task, split) -> cached images, bytes
 
     @property
     def router(self) -> GaussianRouter | None:
@@ -228,6 +233,8 @@ class ContinualTrainer:
             start = time.perf_counter()
             # once per task, shared by the H-score ("lda"), the router and the frozen baselines
             frozen = self._features(self._loader(tasks[t], "train"), task_id=None)
+            if t > 0:
+                self._forward_transfer_probe(t, tasks[t], frozen, state)
             state["timings"]["frozen_features_s"][t] = time.perf_counter() - start
 
             start = time.perf_counter()
@@ -242,6 +249,7 @@ class ContinualTrainer:
             self._update_frozen(t, frozen)
             self._evaluate(t, tasks, state)
             state["timings"]["eval_s"][t] = time.perf_counter() - start
+            self._decoded.pop((tasks[t].name, "train"), None)  # read no more
             state["completed"] = t + 1
             self._checkpoint(tasks, state)
             accuracy = self._report_task(t, tasks, state)
@@ -538,8 +546,6 @@ class ContinualTrainer:
         state["router_task_accuracy"][t] = routed_all / count_all
         for name, hits in frozen_all.items():
             state["frozen_class_il"][name][t] = hits / count_all
-        if t + 1 < len(tasks):
-            self._forward_transfer_probe(t, tasks, state)
 
     def _class_incremental(
         self, pixel_values: torch.Tensor, frozen: torch.Tensor, t: int, j: int, features_j: torch.Tensor
@@ -563,18 +569,30 @@ class ContinualTrainer:
             predicted[mask] = self.heads[task_id](features[mask]).argmax(-1) + self.offsets[task_id]
         return routed, predicted
 
-    def _forward_transfer_probe(self, t: int, tasks: Sequence[Task], state: dict) -> None:
-        """FWT's R[t][t+1] and b_{t+1}: nearest-class-mean accuracy on task t+1 of the features from the model after
-        task t (with the last task's adapter) and from the untrained backbone."""
-        task = tasks[t + 1]
-        train_loader = self._loader(task, "train", indices=range(min(len(task.train), self.config.h_score_samples)))
-        test_loader = self._loader(task, "test")
-        for key, task_id in (("fwt_start", t), ("fwt_baseline", None)):
-            train_features, train_labels = self._features(train_loader, task_id)
-            test_features, test_labels = self._features(test_loader, task_id)
-            means = torch.stack([train_features[train_labels == c].mean(0) for c in range(task.num_classes)])
-            predicted = torch.cdist(test_features.float(), means.float()).argmin(-1)
-            state[key][t + 1] = (predicted == test_labels).float().mean().item()
+    def _forward_transfer_probe(self, t: int, task: Task, frozen, state: dict) -> None:
+        """FWT's R[t-1][t] and b_t, before task t trains: nearest-class-mean accuracy on task t of the features under
+        task t-1's adapter (the model after task t-1) and of the untrained backbone. The frozen training features
+        are the ones every task computes anyway, and the frozen test features land in the evaluation's cache."""
+        self.model.eval()
+        k = min(len(task.train), self.config.h_score_samples)
+        train = {
+            "fwt_baseline": (frozen[0][:k], frozen[1][:k]),
+            "fwt_start": self._features(self._loader(task, "train", indices=range(k)), t - 1),
+        }
+        test = {"fwt_baseline": [], "fwt_start": [], "labels": []}
+        cached = self._frozen_test.setdefault(t, [])
+        with torch.no_grad():
+            for b, (pixel_values, labels) in enumerate(self._loader(task, "test")):
+                if b == len(cached):
+                    cached.append(self._forward(pixel_values, None))
+                batch = self.accelerator.gather_for_metrics((cached[b], self._forward(pixel_values, t - 1), labels))
+                for key, value in zip(test, batch, strict=True):
+                    test[key].append(value)
+        test_labels = torch.cat(test["labels"])
+        for key, (features, labels) in train.items():
+            means = torch.stack([features[labels == c].mean(0) for c in range(task.num_classes)])
+            predicted = torch.cdist(torch.cat(test[key]).float(), means.float()).argmin(-1)
+            state[key][t] = (predicted == test_labels).float().mean().item()
 
     def _report_task(self, t: int, tasks: Sequence[Task], state: dict) -> float:
         """Task t's results to the trackers and as a log line; returns its task-IL accuracy over the seen tasks."""
@@ -633,8 +651,25 @@ class ContinualTrainer:
         with torch.no_grad():
             return self._forward(pixel_values[:1].to(self.accelerator.device), None).shape[1]
 
+    def _images(self, task: Task, split: str, augment: bool) -> TaskImages:
+        """The split as model inputs; unaugmented, it is kept decoded while it fits ``IMAGE_CACHE_BYTES``."""
+        transform = self.spec.transform(augment)
+        if augment or self.args.dataloader_num_workers > 0:  # workers would fill copies of the cache
+            return TaskImages(getattr(task, split), transform, task.classes)
+        if (task.name, split) in self._decoded:
+            return self._decoded[task.name, split][0]
+        dataset = getattr(task, split)
+        size = len(dataset) * 3 * self.spec.size**2 * 4
+        cache = sum(size for _, size in self._decoded.values()) + size <= IMAGE_CACHE_BYTES
+        images = TaskImages(dataset, transform, task.classes, cache=cache)
+        if cache:
+            self._decoded[task.name, split] = images, size
+        return images
+
     def _loader(self, task: Task, split: str, *, indices=None, augment=False, shuffle=False, shard=True, seed=0):
-        dataset = TaskImages(getattr(task, split), self.spec.transform(augment), task.classes, indices)
+        dataset = self._images(task, split, augment)
+        if indices is not None:
+            dataset = torch.utils.data.Subset(dataset, list(indices))
         batch_size = (
             self.args.per_device_train_batch_size
             if split == "train" and shuffle

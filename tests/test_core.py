@@ -216,6 +216,51 @@ def test_generated_b_is_zero_and_a_is_not(timm_vit):
     assert out.A[0].shape == (1, SMALL["r"], 192) and out.B[0].shape == (1, 576, SMALL["r"])
 
 
+def test_a_step_that_generates_once_matches_one_that_generates_for_the_forward(timm_vit):
+    """use_generated: the trainer's step reads old tasks' factors and runs the forward from one hypernet pass."""
+    model = get_peft_model(timm_vit, small_config())
+    for _ in range(3):
+        model.add_task()
+    model.train()
+    hypernet = model.base_model.hypernet
+    with torch.no_grad():
+        for head in hypernet.heads.values():  # a trained hypernet: B no longer zero
+            head.weight.normal_(0.0, 0.05)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(once: bool):
+        model.zero_grad()
+        calls = []
+        handle = hypernet.register_forward_hook(lambda *_: calls.append(1))
+        out = model.base_model.generate([0, 2])
+        if once:
+            with model.base_model.use_generated(out, [0, 2]):
+                features = model(x)
+        else:
+            features = model(x)
+        handle.remove()
+        loss = features.pow(2).mean() + sum(a[0].pow(2).sum() for a in out.A)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in hypernet.parameters() if p.grad is not None], len(calls)
+
+    loss_once, grads_once, calls_once = loss_and_grads(True)
+    loss_twice, grads_twice, calls_twice = loss_and_grads(False)
+    assert (calls_once, calls_twice) == (1, 2)
+    torch.testing.assert_close(loss_once, loss_twice)
+    assert len(grads_once) == len(grads_twice) > 0
+    for a, b in zip(grads_once, grads_twice, strict=True):
+        torch.testing.assert_close(a, b)
+    # a task the given rows lack is generated as usual
+    out = model.base_model.generate([0, 2])
+    model.base_model.set_task(1)
+    calls = []
+    handle = hypernet.register_forward_hook(lambda *_: calls.append(1))
+    with model.base_model.use_generated(out, [0, 2]):
+        model(x)
+    handle.remove()
+    assert calls == [1]
+
+
 # --- tasks and task ids ----------------------------------------------------------------------------------------------
 
 

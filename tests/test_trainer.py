@@ -135,17 +135,23 @@ def _frozen_features(split: str, tasks: list[Task]) -> tuple[np.ndarray, np.ndar
 
 def test_frozen_baselines_match_scikit_learn_and_numpy_on_the_same_features(tmp_path, tasks):
     from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import NearestCentroid
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    written = run(tmp_path, tasks, plots=False)["frozen_baselines"]
+    results = run(tmp_path, tasks, plots=False)
+    written = results["frozen_baselines"]
     train_x, train_y = _frozen_features("train", tasks)
     test_x, test_y = _frozen_features("test", tasks)
-    probes = []
+    probes, centroids = [], []
     for task in tasks:
         train, test = np.isin(train_y, task.classes), np.isin(test_y, task.classes)
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(train_x[train], train_y[train])
         probes.append(probe.score(test_x[test], test_y[test]))
+        centroids.append(NearestCentroid().fit(train_x[train], train_y[train]).score(test_x[test], test_y[test]))
+    # FWT's baseline: the nearest-class-mean probe of each new task on the untrained backbone
+    np.testing.assert_allclose(results["fwt_baseline"][1:], centroids[1:], atol=1e-9)
+    assert results["fwt_baseline"][0] is None or np.isnan(results["fwt_baseline"][0])
     np.testing.assert_allclose(written["linear_probe_per_task"], probes, atol=1e-9)
     assert written["linear_probe"] == pytest.approx(np.mean(probes))
     # LDA over all seen classes, as the router defines it: within-class covariance / (n - C), shrunk by 0.1 towards
@@ -161,6 +167,29 @@ def test_frozen_baselines_match_scikit_learn_and_numpy_on_the_same_features(tmp_
     assert written["lda"] == pytest.approx(np.mean(classes[scores.argmax(1)] == test_y))
     assert written["lda"] == written["lda_per_step"][-1]
     assert 0.0 <= written["ncm"] <= 1.0 and len(written["ncm_per_step"]) == 3
+
+
+def test_unaugmented_splits_are_decoded_once_and_the_cache_changes_no_result(tmp_path, tasks, monkeypatch):
+    from hyperlora import data, trainer
+
+    calls = []
+    transform = data.ImageSpec.transform
+
+    def counting(self, augment=False):
+        inner = transform(self, augment)
+        return lambda image: calls.append(image) or inner(image)
+
+    monkeypatch.setattr(data.ImageSpec, "transform", counting)
+    cached = run(tmp_path / "cached", tasks, num_train_epochs=3, max_steps_per_task=None)
+    decoded_once = len(calls)
+    # every image of every split, once: (12 + 6) per class, 2 classes, 3 tasks
+    assert decoded_once == 3 * 2 * (12 + 6)
+    monkeypatch.setattr(trainer, "IMAGE_CACHE_BYTES", 0)
+    calls.clear()
+    uncached = run(tmp_path / "uncached", tasks, num_train_epochs=3, max_steps_per_task=None)
+    assert len(calls) > 3 * decoded_once
+    for key in ("accuracy_matrix", "fwt_start", "h_scores"):
+        np.testing.assert_array_equal(np.array(uncached[key], float), np.array(cached[key], float), err_msg=key)
 
 
 def test_h_scores_are_normalised_and_the_h_embedding_is_recorded(tmp_path, tasks):
