@@ -193,6 +193,16 @@ class HyperNetwork(nn.Module):
             head.weight.addmm_(head.weight @ U - outputs[key], U.T, alpha=-1.0)
 
     @torch.no_grad()
+    def project_gradients(self, bases: dict[str, torch.Tensor]) -> None:
+        """Remove from every head's gradient the part along the protected directions, before the optimizer sees it:
+        ``protect`` would undo a step there anyway, and Adam, which gives every weight a step of about lr, would
+        otherwise spend on those directions what the new task's free directions need."""
+        for key, head in self.heads.items():
+            if head.weight.grad is not None:
+                U = bases[key]
+                head.weight.grad.addmm_(head.weight.grad @ U, U.T, alpha=-1.0)
+
+    @torch.no_grad()
     def protected_outputs(self, bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: head.weight @ bases[key] for key, head in self.heads.items()}
 

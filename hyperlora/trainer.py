@@ -447,6 +447,8 @@ class ContinualTrainer:
                             "learning rate or max_grad_norm. The last checkpoint was left intact."
                         )
                     accelerator.backward(loss)
+                    if bases is not None and accelerator.sync_gradients:
+                        hypernet.project_gradients(bases)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(step_module.parameters(), args.max_grad_norm)
                     lr = optimizer.param_groups[0]["lr"]  # the hypernetwork's, for this step

@@ -687,6 +687,52 @@ def test_scalar_tensor_and_numpy_task_id_mean_one_task_for_the_batch(timm_vit, v
         model(x, task_ids=torch.tensor(5))
 
 
+def test_projected_gradients_give_the_new_task_a_larger_first_adam_step_and_old_tasks_none():
+    torch.manual_seed(0)
+    net = HyperNetwork(
+        [(12, 8), (8, 12)], r=2, task_embedding_dim=4, module_embedding_dim=4, hidden_dim=16, num_layers=2
+    )
+    for _ in range(3):
+        net.add_task()
+    with torch.no_grad():
+        for head in net.heads.values():
+            head.weight.normal_()
+    bases = net.head_bases([0, 1])
+    shapes = net(net.stacked_task_embeddings([2]))
+    directions = [torch.randn_like(w) for w in (*shapes.A, *shapes.B)]
+
+    def new_task_loss() -> torch.Tensor:  # linear in the heads' weights: one step's change is exactly first order
+        out = net(net.stacked_task_embeddings([2]))
+        return sum((w * d).sum() for w, d in zip((*out.A, *out.B), directions, strict=True))
+
+    start = {key: head.weight.detach().clone() for key, head in net.heads.items()}
+    before, old = new_task_loss().item(), net(net.stacked_task_embeddings([0, 1]))
+    decrease = {}
+    for project in (False, True):
+        with torch.no_grad():
+            for key, head in net.heads.items():
+                head.weight.copy_(start[key])
+        outputs = net.protected_outputs(bases)
+        optimizer = torch.optim.Adam([head.weight for head in net.heads.values()], lr=1e-3)
+        optimizer.zero_grad()
+        new_task_loss().backward()
+        if project:
+            net.project_gradients(bases)
+            for key, head in net.heads.items():  # against numpy: no gradient left along the protected directions
+                U = bases[key].numpy().astype(np.float64)
+                assert np.abs(head.weight.grad.numpy().astype(np.float64) @ U).max() < 1e-5
+        optimizer.step()
+        net.protect(bases, outputs)
+        after = net(net.stacked_task_embeddings([0, 1]))
+        for m in range(2):
+            torch.testing.assert_close(after.A[m], old.A[m], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(after.B[m], old.B[m], rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            decrease[project] = before - new_task_loss().item()
+    # Adam moves each weight by about lr: spent only on the free directions, the step does more for the new task
+    assert decrease[True] > 1.2 * decrease[False] > 0
+
+
 def test_head_projection_leaves_protected_tasks_generated_weights_as_they_were():
     torch.manual_seed(0)
     shapes = [(12, 8), (8, 12), (12, 8)]
