@@ -98,6 +98,8 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
             loss = loss + config.beta_reg * output_regulariser(out, reg_tasks, *targets)
         loss = loss + guidance_loss(decoder, out.hidden[-1:], h_target)
         loss.backward()
+        if bases is not None:
+            hypernet.project_gradients(bases)
         optimizer.step()
         if bases is not None:
             hypernet.protect(bases, outputs)
