@@ -450,3 +450,21 @@ def test_recipe_trial_writes_the_structured_tasks_as_a_folder_and_runs_the_recip
     assert metrics["evaluated_samples"] == [8, 8]  # 2 tasks x 4 classes x 2 test images: the folder's test/
     text = (tmp_path / "recipe_trial.md").read_text()
     assert "train_split='train', test_split='test'" in text and "peak GPU memory" in text
+
+
+def test_relations_ground_truth_rates_features_that_carry_the_label_above_noise():
+    """benchmarks/relations.py's transfer: a logistic probe's held-out accuracy on each old task's features."""
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
+    import relations
+    import torch
+
+    rng = np.random.default_rng(0)
+    labels = torch.as_tensor(rng.integers(0, 4, size=400))
+    signal = torch.as_tensor(np.eye(4)[labels.numpy()] * 3.0 + rng.normal(size=(400, 4)))
+    informative = torch.cat([signal, torch.as_tensor(rng.normal(size=(400, 60)))], dim=1)
+    noise = torch.as_tensor(rng.normal(size=(400, 64)))
+    train, test = slice(0, 200), slice(200, 400)
+    good = relations.linear_transfer((informative[train], labels[train]), (informative[test], labels[test]))
+    bad = relations.linear_transfer((noise[train], labels[train]), (noise[test], labels[test]))
+    assert good[1] > 0.8 and bad[1] < 0.4 and good[0] > bad[0]
+    assert all(value <= 0 for value in (good[0], bad[0]))  # mean log-likelihoods
