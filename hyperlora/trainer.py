@@ -516,13 +516,9 @@ class ContinualTrainer:
         for j in range(t + 1):
             loader = self._loader(tasks[j], "test")
             hits_til, hits_cil, hits_route, hits_probe, n = 0, 0, 0, 0, 0
-            # the backbone is frozen: its features of a test set are computed once, when the task is first seen
-            cached = self._frozen_test.setdefault(j, [])
             with torch.no_grad():
                 for b, (pixel_values, labels) in enumerate(loader):
-                    if b == len(cached):
-                        cached.append(self._forward(pixel_values, None))
-                    frozen = cached[b]
+                    frozen = self._frozen_test_batch(j, b, pixel_values)
                     features = self._forward(pixel_values, j)
                     local = self.heads[j](features).argmax(-1)
                     routed_task, predicted = self._class_incremental(pixel_values, frozen, t, j, features)
@@ -582,12 +578,10 @@ class ContinualTrainer:
             "fwt_start": self._features(self._loader(task, "train", indices=range(k)), t - 1),
         }
         test = {"fwt_baseline": [], "fwt_start": [], "labels": []}
-        cached = self._frozen_test.setdefault(t, [])
         with torch.no_grad():
             for b, (pixel_values, labels) in enumerate(self._loader(task, "test")):
-                if b == len(cached):
-                    cached.append(self._forward(pixel_values, None))
-                batch = self.accelerator.gather_for_metrics((cached[b], self._forward(pixel_values, t - 1), labels))
+                frozen_b = self._frozen_test_batch(t, b, pixel_values)
+                batch = self.accelerator.gather_for_metrics((frozen_b, self._forward(pixel_values, t - 1), labels))
                 for key, value in zip(test, batch, strict=True):
                     test[key].append(value)
         test_labels = torch.cat(test["labels"])
@@ -595,6 +589,14 @@ class ContinualTrainer:
             means = torch.stack([features[labels == c].mean(0) for c in range(task.num_classes)])
             predicted = torch.cdist(torch.cat(test[key]).float(), means.float()).argmin(-1)
             state[key][t] = (predicted == test_labels).float().mean().item()
+
+    def _frozen_test_batch(self, t: int, b: int, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's features of batch b of task t's test loader (this process's share), computed the
+        first time the batch is seen: the backbone never changes, and every later evaluation reads them again."""
+        cached = self._frozen_test.setdefault(t, [])
+        if b == len(cached):
+            cached.append(self._forward(pixel_values, None))
+        return cached[b]
 
     def _report_task(self, t: int, tasks: Sequence[Task], state: dict) -> float:
         """Task t's results to the trackers and as a log line; returns its task-IL accuracy over the seen tasks."""
@@ -655,15 +657,14 @@ class ContinualTrainer:
 
     def _images(self, task: Task, split: str, augment: bool) -> TaskImages:
         """The split as model inputs; unaugmented, it is kept decoded while it fits ``IMAGE_CACHE_BYTES``."""
-        transform = self.spec.transform(augment)
         if augment or self.args.dataloader_num_workers > 0:  # workers would fill copies of the cache
-            return TaskImages(getattr(task, split), transform, task.classes)
+            return TaskImages(getattr(task, split), self.spec.transform(augment), task.classes)
         if (task.name, split) in self._decoded:
             return self._decoded[task.name, split][0]
         dataset = getattr(task, split)
         size = len(dataset) * 3 * self.spec.size**2 * 4
         cache = sum(size for _, size in self._decoded.values()) + size <= IMAGE_CACHE_BYTES
-        images = TaskImages(dataset, transform, task.classes, cache=cache)
+        images = TaskImages(dataset, self.spec.transform(), task.classes, cache=cache)
         if cache:
             self._decoded[task.name, split] = images, size
         return images

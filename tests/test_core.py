@@ -687,19 +687,23 @@ def test_scalar_tensor_and_numpy_task_id_mean_one_task_for_the_batch(timm_vit, v
         model(x, task_ids=torch.tensor(5))
 
 
-def test_projected_gradients_give_the_new_task_a_larger_first_adam_step_and_old_tasks_none():
+def _trained_hypernet(shapes: list[tuple[int, int]]) -> HyperNetwork:
+    """Three tasks and heads far from their zero init, as after training: tasks 0 and 1 are the ones to protect."""
     torch.manual_seed(0)
-    net = HyperNetwork(
-        [(12, 8), (8, 12)], r=2, task_embedding_dim=4, module_embedding_dim=4, hidden_dim=16, num_layers=2
-    )
+    net = HyperNetwork(shapes, r=2, task_embedding_dim=4, module_embedding_dim=4, hidden_dim=16, num_layers=2)
     for _ in range(3):
         net.add_task()
     with torch.no_grad():
         for head in net.heads.values():
             head.weight.normal_()
+    return net
+
+
+def test_projected_gradients_give_the_new_task_a_larger_first_adam_step_and_old_tasks_none():
+    net = _trained_hypernet([(12, 8), (8, 12)])
     bases = net.head_bases([0, 1])
-    shapes = net(net.stacked_task_embeddings([2]))
-    directions = [torch.randn_like(w) for w in (*shapes.A, *shapes.B)]
+    generated = net(net.stacked_task_embeddings([2]))
+    directions = [torch.randn_like(w) for w in (*generated.A, *generated.B)]
 
     def new_task_loss() -> torch.Tensor:  # linear in the heads' weights: one step's change is exactly first order
         out = net(net.stacked_task_embeddings([2]))
@@ -734,14 +738,7 @@ def test_projected_gradients_give_the_new_task_a_larger_first_adam_step_and_old_
 
 
 def test_head_projection_leaves_protected_tasks_generated_weights_as_they_were():
-    torch.manual_seed(0)
-    shapes = [(12, 8), (8, 12), (12, 8)]
-    net = HyperNetwork(shapes, r=2, task_embedding_dim=4, module_embedding_dim=4, hidden_dim=16, num_layers=2)
-    for _ in range(3):
-        net.add_task()
-    with torch.no_grad():
-        for head in net.heads.values():
-            head.weight.normal_()
+    net = _trained_hypernet([(12, 8), (8, 12), (12, 8)])
     bases = net.head_bases([0, 1])
     assert {key: U.shape for key, U in bases.items()} == {"12x8": (16, 4), "8x12": (16, 2)}  # 2 tasks x members
     outputs = net.protected_outputs(bases)
