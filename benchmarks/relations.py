@@ -245,21 +245,16 @@ SCORES = {  # report key -> (row key, sign): higher score should mean more trans
 }
 
 
+def probe_spearman(probe: dict, name: str) -> float:
+    """One score's Spearman correlation with the ground truth over one probe's old tasks."""
+    key, sign = SCORES[name]
+    rows = probe["pairs"]
+    return spearmanr([sign * row[key] for row in rows], [row[GROUND_TRUTH] for row in rows]).statistic
+
+
 def correlations(probes: list[dict], default: str) -> dict[str, float]:
     """Per score, the Spearman correlation with the ground truth over each probe's old tasks, averaged over probes."""
-    out = {}
-    for name, (key, sign) in SCORES.items():
-        out[name] = float(
-            np.mean(
-                [
-                    spearmanr(
-                        [sign * row[key] for row in probe["pairs"]],
-                        [row[GROUND_TRUTH] for row in probe["pairs"]],
-                    ).statistic
-                    for probe in probes
-                ]
-            )
-        )
+    out = {name: float(np.mean([probe_spearman(probe, name) for probe in probes])) for name in SCORES}
     out["spearman_h_score"] = out[f"spearman_h_score_{default}"]
     return out
 
@@ -304,6 +299,12 @@ def write_report(out: Path, runs: list[dict], args: argparse.Namespace) -> str:
         return "-" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
     seeds = [run["seed"] for run in runs]
+    defaults = vars(parse_args([]))
+    options = "".join(
+        f" --{key} {value}"
+        for key, value in vars(args).items()
+        if key not in ("seeds", "output_dir", "merge") and value != defaults[key]
+    )
     rows = [
         ("ground truth, seed to seed (the ceiling)", "ground_truth_ceiling"),
         (f"H-score, default features ({runs[0]['h_score_features']})", "spearman_h_score"),
@@ -315,7 +316,7 @@ def write_report(out: Path, runs: list[dict], args: argparse.Namespace) -> str:
         f"# Task relations: Spearman correlation with the measured transfer (mean ± std over seeds {seeds})",
         "",
         f"Machine: {machine}; {summary['date']}. Command: `python benchmarks/relations.py --seeds "
-        f"{' '.join(map(str, seeds))}`. Per probe over its {len(old_specs())} old tasks, averaged over the "
+        f"{' '.join(map(str, seeds))}{options}`. Per probe over its {len(old_specs())} old tasks, averaged over the "
         f"{len(RELATION_FACTORS)} probes (one per factor). Transfer: the test accuracy of a logistic probe on "
         "the old task's adapted features, minus on the frozen backbone's.",
         "",
@@ -327,11 +328,41 @@ def write_report(out: Path, runs: list[dict], args: argparse.Namespace) -> str:
         f"same factor {cell(summary['delta_w_cosine']['related'])}, "
         f"different factors {cell(summary['delta_w_cosine']['unrelated'])}.",
         "",
+        *_per_probe(runs),
     ]
     text = "\n".join(lines)
     atomic_write_text(out / "relations.md", text)
     _plot(out / "relations.png", runs, runs[0]["h_score_features"])
     return text
+
+
+def _per_probe(runs: list[dict]) -> list[str]:
+    """Where the ceiling and the scores hold and where they do not: one row per probe (mean over seeds, or pairs)."""
+    columns = [(f"spearman_h_score_{kind}", f"H-score ({kind})") for kind in H_SCORE_FEATURES]
+    columns += [("spearman_distance", "minus distance"), ("spearman_random", "random")]
+    pairs = list(combinations(runs, 2))
+    lines = [
+        "Per probe:",
+        "",
+        "| probe | ceiling | transfer range (points) | " + " | ".join(title for _, title in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for p, probe in enumerate(runs[0]["probes"]):
+        transfer = [100 * row[GROUND_TRUTH] for run in runs for row in run["probes"][p]["pairs"]]
+        ceiling_cell = "-"
+        if pairs:
+            values = [
+                spearmanr(*([row[GROUND_TRUTH] for row in run["probes"][p]["pairs"]] for run in pair)).statistic
+                for pair in pairs
+            ]
+            ceiling_cell = f"{np.mean(values):.2f}"
+        scores = [np.mean([probe_spearman(run["probes"][p], name) for run in runs]) for name, _ in columns]
+        lines.append(
+            f"| {probe['probe']} | {ceiling_cell} | {min(transfer):+.1f} to {max(transfer):+.1f} | "
+            + " | ".join(f"{value:.2f}" for value in scores)
+            + " |"
+        )
+    return [*lines, ""]
 
 
 def _plot(path: Path, runs: list[dict], default: str) -> None:

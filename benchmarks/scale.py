@@ -48,7 +48,7 @@ from hyperlora.checkpoint import atomic_write_json, atomic_write_text
 from hyperlora.cli import parse
 from hyperlora.embedding import fit_h_embedding, target_distances
 from hyperlora.losses import GuidanceDecoder, guidance_loss, output_regulariser
-from hyperlora.transferability import old_task_features, transferability
+from hyperlora.transferability import H_SCORE_FEATURES, old_task_features, transferability
 
 CLASSES = 4  # per task, as in the structured sequence
 
@@ -66,6 +66,7 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     backbone, config, size = build_backbone("efficientnet")
+    config.h_score_features = args.h_score_features or config.h_score_features
     model = get_peft_model(backbone, config)
     for _ in range(num_tasks):
         model.add_task()
@@ -144,6 +145,7 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
     shared = tensor_bytes(p for n, p in hypernet.named_parameters() if not n.startswith("task_embeddings"))
     return {
         "num_tasks": num_tasks,
+        "h_score_features": config.h_score_features,
         "train_step_ms": 1e3 * statistics.median(times),
         "peak_train_memory_bytes": memory["peak_increase_bytes"],
         "memory_how": memory["how"],
@@ -163,14 +165,16 @@ def feature_dim(model, size: int) -> int:
 
 def write_report(out: Path, rows: list[dict], args: argparse.Namespace) -> str:
     machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
+    features = rows[0]["h_score_features"]
+    command_tail = f" --h_score_features {args.h_score_features}" if args.h_score_features else ""
     atomic_write_json(out / "scale.json", {"machine": machine, "arguments": vars(args), "rows": rows})
     lines = [
         "# Cost against the number of tasks",
         "",
         f"Machine: {machine}; {datetime.date.today().isoformat()}. Command: `python benchmarks/scale.py --tasks "
-        f"{' '.join(map(str, args.tasks))}`. The quickstart's setting: EfficientNet-Lite0 at 64 px, its HyperLoRA "
-        f"config, batch {args.per_device_train_batch_size}, {steps_per_task(args)} steps per task; the H-embedding on "
-        f"{args.samples} images; training the last of T tasks.",
+        f"{' '.join(map(str, args.tasks))}{command_tail}`. The quickstart's setting: EfficientNet-Lite0 at 64 px, its "
+        f"HyperLoRA config, batch {args.per_device_train_batch_size}, {steps_per_task(args)} steps per task; the "
+        f'H-embedding on {args.samples} images with `h_score_features="{features}"`; training the last of T tasks.',
         "",
         "| tasks | training step (ms) | peak training memory (MiB) | frozen features (s) | H-embedding (s) "
         "| H-embedding / task training | old-task state held (KiB) | stored, all tasks (MiB) |",
@@ -184,8 +188,9 @@ def write_report(out: Path, rows: list[dict], args: argparse.Namespace) -> str:
         "",
         "The regulariser samples at most `reg_max_tasks` (8) old tasks per step, so its cost stops growing after 9 "
         "tasks; the head projection's grows with the old tasks' directions, up to 3/4 of the hypernetwork's width. "
-        'The H-embedding (default `h_score_features="lda"`) needs no forward pass per old task: it reads the frozen '
-        "features the router needs anyway (timed apart), so its cost is the bootstrap and the fit.",
+        'With `h_score_features="lda"` (the default) the H-embedding needs no forward pass per old task: it reads the '
+        "frozen features the router needs anyway (timed apart), so its cost is the bootstrap and the fit; "
+        '"head" and "pooled" run the images through every old task\'s adapter.',
         "",
         f"Peak training memory: {describe(sorted({r['memory_how'] for r in rows}))}; over the {args.warmup} "
         "warm-up steps.",
@@ -229,6 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", type=int, default=[1, 2, 5, 10, 21, 50])
     parser.add_argument("--per_device_train_batch_size", "--batch_size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=800, help="images per H-score: a structured task's 800")
+    parser.add_argument(
+        "--h_score_features", choices=H_SCORE_FEATURES, default=None, help="the H-score's estimator (None: default)"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
