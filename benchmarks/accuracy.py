@@ -23,9 +23,10 @@ Benchmarks (``--benchmark``): ``structured`` (default), hyperlora.structured's s
 (5 tasks); ``imagenet_r``, the protocol of recipes/imagenet_r.py (200 classes in ``--num_tasks`` tasks, the seeded
 80/20 split, class order seed 1993) on a timm ViT (ViT-B/16 in21k by default; ``--dataset_name`` a Hub id or a local
 image folder), on a GPU when there is one. Every method reads the same budget (``--num_train_epochs``,
-``--per_device_train_batch_size``, ``--learning_rate``, ``--head_learning_rate``) and targets the same modules
-(HyperLoRA's, for PEFT LoRA too). Arguments follow hyperlora.cli (``--config file.yaml``; the old ``--epochs``,
-``--batch_size``, ``--lr``, ``--head_lr``, ``--model`` and ``--data_path`` still work).
+``--per_device_train_batch_size``, ``--learning_rate``, ``--head_learning_rate``; HyperLoRA's task embedding also
+``--embedding_learning_rate``) and targets the same modules (HyperLoRA's, for PEFT LoRA too). Arguments follow
+hyperlora.cli (``--config file.yaml``; the old ``--epochs``, ``--batch_size``, ``--lr``, ``--head_lr``, ``--model``
+and ``--data_path`` still work).
 
     python benchmarks/accuracy.py --seeds 0 1 2
     python benchmarks/accuracy.py --num_tasks 20 --methods hyperlora lora_per_task lora_sequential frozen
@@ -86,6 +87,7 @@ class Setup:
     batch_size: int = 32
     lr: float = 1e-3
     head_lr: float = 1e-2
+    embedding_lr: float | None = None  # the new task embedding's (None: lr)
     device: str = "cpu"
 
     def build(self) -> tuple[nn.Module, HyperLoraConfig, object, int]:
@@ -357,6 +359,7 @@ def run_hyperlora(tasks, seed: int, output_dir: Path, overrides: dict, setup: Se
         per_device_eval_batch_size=4 * setup.batch_size,
         learning_rate=setup.lr,
         head_learning_rate=setup.head_lr,
+        embedding_learning_rate=setup.embedding_lr,
         seed=seed,
         image_size=size,
         plots=False,
@@ -395,6 +398,8 @@ def budget_of(cli: argparse.Namespace) -> dict:
         "batch_size": cli.per_device_train_batch_size,
         "lr": cli.learning_rate,
         "head_lr": cli.head_learning_rate,
+        # only when set, so that runs from before the option merge with runs that leave it at its default
+        **({"embedding_lr": cli.embedding_learning_rate} if cli.embedding_learning_rate is not None else {}),
     }
 
 
@@ -671,6 +676,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--per_device_train_batch_size", "--batch_size", type=int, default=32, help="batch size")
     budget.add_argument("--learning_rate", "--lr", type=float, default=None, help="adapter / hypernetwork")
     budget.add_argument("--head_learning_rate", "--head_lr", type=float, default=1e-2, help="the task heads")
+    budget.add_argument(
+        "--embedding_learning_rate", type=float, default=None, help="HyperLoRA's new task embedding (None: lr)"
+    )
     structured = parser.add_argument_group("--benchmark structured (hyperlora.structured)")
     structured.add_argument("--train_per_class", type=int, default=200, help="training images per class")
     structured.add_argument("--test_per_class", type=int, default=100, help="test images per class")

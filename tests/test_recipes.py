@@ -437,6 +437,17 @@ def test_accuracy_benchmark_on_the_structured_sequence_reports_frozen_baselines_
     assert lengths is not None and "| 2 | [0] |" in lengths and (tmp_path / "lengths.md").is_file()
 
 
+def test_accuracy_budget_records_the_embedding_learning_rate_only_when_it_is_set():
+    """So that runs from before --embedding_learning_rate still merge with runs that leave it at its default."""
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
+    import accuracy
+
+    assert "embedding_lr" not in accuracy.budget_of(accuracy.parse_args([]))
+    budget = accuracy.budget_of(accuracy.parse_args(["--embedding_learning_rate", "0.02"]))
+    assert budget["embedding_lr"] == 0.02
+    assert accuracy.Setup(lambda: None, **budget).embedding_lr == 0.02
+
+
 def test_recipe_trial_writes_the_structured_tasks_as_a_folder_and_runs_the_recipe_on_its_splits(tmp_path):
     """benchmarks/recipe_trial.py, the GPU check, on the CPU with a one-block ViT."""
     sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
