@@ -48,6 +48,7 @@ import datetime
 import json
 import math
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -566,9 +567,13 @@ LENGTH_METHODS = ("hyperlora", "lora_per_task", "lora_sequential", "frozen_probe
 
 def write_lengths_table(root: Path) -> str | None:
     """HyperLoRA, per-task and sequential LoRA and the frozen baselines at every number of structured tasks measured
-    so far (structured-N/accuracy.json): does HyperLoRA's advantage grow with the number of tasks?"""
+    so far (structured-N/accuracy.json; variants such as structured-5-embedding-lr are not lengths): does HyperLoRA's
+    advantage grow with the number of tasks?"""
+    paths = [
+        path for path in root.glob("structured-*/accuracy.json") if re.fullmatch(r"structured-\d+", path.parent.name)
+    ]
     reports = sorted(
-        (json.loads(path.read_text()) for path in root.glob("structured-*/accuracy.json")),
+        (json.loads(path.read_text()) for path in paths),
         key=lambda report: int(report["benchmark"].split("-")[1]),
     )
     if not reports:

@@ -435,6 +435,10 @@ def test_accuracy_benchmark_on_the_structured_sequence_reports_frozen_baselines_
 
     lengths = accuracy.write_lengths_table(tmp_path)
     assert lengths is not None and "| 2 | [0] |" in lengths and (tmp_path / "lengths.md").is_file()
+    variant = tmp_path / "structured-2-embedding-lr"  # a variant of the same length is not a row of its own
+    variant.mkdir()
+    (variant / "accuracy.json").write_text((out / "accuracy.json").read_text())
+    assert accuracy.write_lengths_table(tmp_path) == lengths
 
 
 def test_accuracy_budget_records_the_embedding_learning_rate_only_when_it_is_set():
