@@ -259,18 +259,14 @@ def correlations(probes: list[dict], default: str) -> dict[str, float]:
     return out
 
 
-def ceiling(runs: list[dict]) -> list[float]:
-    """The ground truth's seed-to-seed Spearman, per (probe, pair of seeds)."""
-    values = []
-    for a, b in combinations(runs, 2):
-        for probe_a, probe_b in zip(a["probes"], b["probes"], strict=True):
-            values.append(
-                spearmanr(
-                    [row[GROUND_TRUTH] for row in probe_a["pairs"]],
-                    [row[GROUND_TRUTH] for row in probe_b["pairs"]],
-                ).statistic
-            )
-    return values
+def ceiling(runs: list[dict], probe: int | None = None) -> list[float]:
+    """The ground truth's seed-to-seed Spearman, per (pair of seeds, probe); with ``probe``, that probe's only."""
+    probes = range(len(runs[0]["probes"])) if probe is None else [probe]
+
+    def truth(run: dict, p: int) -> list[float]:
+        return [row[GROUND_TRUTH] for row in run["probes"][p]["pairs"]]
+
+    return [spearmanr(truth(a, p), truth(b, p)).statistic for a, b in combinations(runs, 2) for p in probes]
 
 
 def _stat(values) -> dict[str, float | None]:
@@ -340,7 +336,6 @@ def _per_probe(runs: list[dict]) -> list[str]:
     """Where the ceiling and the scores hold and where they do not: one row per probe (mean over seeds, or pairs)."""
     columns = [(f"spearman_h_score_{kind}", f"H-score ({kind})") for kind in H_SCORE_FEATURES]
     columns += [("spearman_distance", "minus distance"), ("spearman_random", "random")]
-    pairs = list(combinations(runs, 2))
     lines = [
         "Per probe:",
         "",
@@ -349,13 +344,8 @@ def _per_probe(runs: list[dict]) -> list[str]:
     ]
     for p, probe in enumerate(runs[0]["probes"]):
         transfer = [100 * row[GROUND_TRUTH] for run in runs for row in run["probes"][p]["pairs"]]
-        ceiling_cell = "-"
-        if pairs:
-            values = [
-                spearmanr(*([row[GROUND_TRUTH] for row in run["probes"][p]["pairs"]] for run in pair)).statistic
-                for pair in pairs
-            ]
-            ceiling_cell = f"{np.mean(values):.2f}"
+        agreement = ceiling(runs, p)
+        ceiling_cell = f"{np.mean(agreement):.2f}" if agreement else "-"
         scores = [np.mean([probe_spearman(run["probes"][p], name) for run in runs]) for name, _ in columns]
         lines.append(
             f"| {probe['probe']} | {ceiling_cell} | {min(transfer):+.1f} to {max(transfer):+.1f} | "

@@ -22,6 +22,7 @@ only time and memory are measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import multiprocessing
@@ -66,7 +67,8 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     backbone, config, size = build_backbone("efficientnet")
-    config.h_score_features = args.h_score_features or config.h_score_features
+    if args.h_score_features:
+        config = dataclasses.replace(config, h_score_features=args.h_score_features)
     model = get_peft_model(backbone, config)
     for _ in range(num_tasks):
         model.add_task()

@@ -483,3 +483,42 @@ def test_relations_ground_truth_rates_features_that_carry_the_label_above_noise(
     bad = relations.linear_transfer((noise[train], labels[train]), (noise[test], labels[test]))
     assert good[1] > 0.8 and bad[1] < 0.4 and good[0] > bad[0]
     assert all(value <= 0 for value in (good[0], bad[0]))  # mean log-likelihoods
+
+
+def test_relations_report_gives_each_probe_its_own_ceiling_and_the_command_its_options(tmp_path):
+    """benchmarks/relations.py's per-probe table: the seed-to-seed Spearman of one probe's ground truth (scipy)."""
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
+    import relations
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    keys = [key for key, _ in relations.SCORES.values()] + ["transfer_accuracy"]
+    num_probes = len(relations.RELATION_FACTORS)
+
+    def run(seed: int) -> dict:
+        pairs = [[dict(zip(keys, rng.random(len(keys)), strict=True)) for _ in range(6)] for _ in range(num_probes)]
+        probes = [{"probe": f"probe-{p}", "pairs": rows} for p, rows in enumerate(pairs)]
+        cosines = {"related": 0.5, "unrelated": 0.3}
+        correlations = relations.correlations(probes, "lda")
+        return {"seed": seed, "h_score_features": "lda", "probes": probes, "delta_w_cosine": cosines, **correlations}
+
+    runs = [run(0), run(1)]
+    args = relations.parse_args(["--seeds", "0", "1", "--probe_per_class", "300", "--output_dir", str(tmp_path)])
+    text = relations.write_report(tmp_path, runs, args)
+    assert "`python benchmarks/relations.py --seeds 0 1 --probe_per_class 300`" in text
+    for p in range(num_probes):
+        expected = spearmanr(*([row["transfer_accuracy"] for row in r["probes"][p]["pairs"]] for r in runs)).statistic
+        assert relations.ceiling(runs, p) == pytest.approx([expected])
+        assert f"| probe-{p} | {expected:.2f} |" in text
+    assert relations.ceiling(runs) == pytest.approx([relations.ceiling(runs, p)[0] for p in range(num_probes)])
+
+
+def test_scale_benchmark_times_the_estimator_it_is_given():
+    """benchmarks/scale.py --h_score_features head: the row says which estimator it timed, and it is that one."""
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
+    import scale
+
+    quick = ["--samples", "16", "--warmup", "1", "--repeats", "1", "--threads", "1"]
+    assert scale.measure(2, scale.parse_args(quick))["h_score_features"] == "lda"  # the library default
+    row = scale.measure(2, scale.parse_args([*quick, "--h_score_features", "head"]))
+    assert row["h_score_features"] == "head" and row["h_embedding_s"] > 0
