@@ -12,7 +12,8 @@ Methods (``--methods``):
 - ``lora_ewc``: the same, with online EWC (diagonal empirical Fisher) on the adapter's parameters;
 - ``joint``: one PEFT LoRA adapter and one head over every class, trained on all tasks at once (the upper bound;
   class-incremental over all classes, task-incremental with the logits of each task's own classes);
-- ``frozen``: closed-form classifiers on the frozen backbone's features (hyperlora.baselines), reported as four
+- ``frozen``: closed-form classifiers on the frozen backbone's features (hyperlora.evaluation.baselines), reported as
+  four
   rows: ``frozen_probe`` (a logistic regression per task, task-incremental), ``frozen_ncm`` (SimpleCIL's cosine
   nearest class mean), ``frozen_lda`` (shared-covariance LDA over all seen classes) and ``frozen_ranpac`` (LDA on a
   random ReLU projection to ``--ranpac_dim`` dimensions), class-incremental. A method that does not beat these has
@@ -49,7 +50,7 @@ import json
 import math
 import platform
 import re
-import sys
+import runpy
 import tempfile
 import time
 from collections.abc import Callable
@@ -63,19 +64,16 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-from quickstart import build_backbone
-
 from hyperlora import HyperLoraConfig
-from hyperlora.baselines import CLASS_INCREMENTAL, FrozenBaselines
-from hyperlora.checkpoint import atomic_write_json, atomic_write_text
 from hyperlora.cli import parse
 from hyperlora.data import TaskImages, image_spec, pooled_features
-from hyperlora.metrics import METRIC_KEYS, continual_metrics
-from hyperlora.model import default_target_modules
+from hyperlora.demo import build_backbone
+from hyperlora.evaluation.baselines import CLASS_INCREMENTAL, FrozenBaselines
+from hyperlora.evaluation.metrics import METRIC_KEYS, continual_metrics
+from hyperlora.files import atomic_write_json, atomic_write_text
 from hyperlora.structured import relation_matrix, sequence, structured_tasks
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
+from hyperlora.tuner.model import default_target_modules
 
 
 @dataclass(frozen=True)
@@ -309,8 +307,9 @@ def _frozen_features(backbone, task, split: str, spec, setup: Setup) -> tuple[to
 
 
 def run_frozen(tasks, seed: int, setup: Setup, ranpac_dim: int) -> dict[str, dict]:
-    """The frozen-feature classifiers, fitted task after task like the continual learners (hyperlora.baselines):
-    one result per classifier, on exactly the features every other method starts from."""
+    """The frozen-feature classifiers, fitted task after task like the continual learners
+    (hyperlora.evaluation.baselines): one result per classifier, on exactly the features every other method starts
+    from."""
     backbone, _, spec, width = setup.build()
     start = time.perf_counter()
     baselines = FrozenBaselines(width, shrinkage=0.1, ranpac_dim=ranpac_dim, seed=seed)
@@ -410,8 +409,9 @@ def data_of(cli: argparse.Namespace) -> dict:
 
 
 def imagenet_r_tasks(cli: argparse.Namespace) -> list:
-    from common import DataArguments, load_tasks
-    from imagenet_r import DEFAULTS
+    from hyperlora.training.recipe import DataArguments, load_tasks
+
+    DEFAULTS = runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "imagenet_r.py"))["DEFAULTS"]
 
     data_fields = {f.name for f in dataclasses.fields(DataArguments)}
     data = DataArguments(
@@ -424,7 +424,7 @@ def imagenet_r_tasks(cli: argparse.Namespace) -> list:
 
 
 def imagenet_r_backbone(cli: argparse.Namespace) -> nn.Module:
-    from common import ModelArguments
+    from hyperlora.training.recipe import ModelArguments
 
     return ModelArguments(
         model_name_or_path=cli.model_name_or_path, pretrained=cli.pretrained, model_kwargs=cli.model_kwargs

@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import platform
+import runpy
 import sys
 import tempfile
 import time
@@ -24,14 +25,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-import common
-import imagenet_r
-
-from hyperlora.checkpoint import atomic_write_text
 from hyperlora.cli import parse
+from hyperlora.files import atomic_write_text
 from hyperlora.structured import structured_tasks
+from hyperlora.training.recipe import run
+
+IMAGENET_R = Path(__file__).resolve().parents[1] / "recipes" / "imagenet_r.py"
 
 
 def write_folder(root: Path, args: argparse.Namespace) -> Path:
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        common.run(imagenet_r.DEFAULTS, recipe)
+        run(runpy.run_path(str(IMAGENET_R))["DEFAULTS"], recipe)
         run_s = time.perf_counter() - start
         metrics = json.loads((run_dir / "seed-0" / "metrics.json").read_text())
         protocol = json.loads((run_dir / "protocol.json").read_text())

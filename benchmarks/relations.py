@@ -38,7 +38,6 @@ import datetime
 import json
 import math
 import platform
-import sys
 import tempfile
 from itertools import combinations
 from pathlib import Path
@@ -50,17 +49,14 @@ from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-from quickstart import build_backbone
-
-from hyperlora.checkpoint import atomic_write_json, atomic_write_text
 from hyperlora.cli import parse
 from hyperlora.data import Task, TaskImages, image_spec, pooled_features
-from hyperlora.embedding import fit_h_embedding, target_distances
+from hyperlora.demo import build_backbone
+from hyperlora.files import atomic_write_json, atomic_write_text
+from hyperlora.method.embedding import fit_h_embedding, target_distances
+from hyperlora.method.transferability import H_SCORE_FEATURES, old_task_features, transferability
 from hyperlora.structured import Domain, TaskSpec, relation_matrix, shape_task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
-from hyperlora.transferability import H_SCORE_FEATURES, old_task_features, transferability
 
 RELATION_FACTORS = ("orientation", "count", "size", "position")
 DOMAINS_PER_FACTOR = 2

@@ -7,7 +7,7 @@ registered, training the last one:
 - one training step as the trainer takes it: cross-entropy, the output regulariser over at most ``reg_max_tasks``
   sampled old tasks, the embedding guidance, AdamW and the head projection onto the old tasks' null space;
 - the peak memory of those steps;
-- the H-embedding of task T as the trainer computes it (hyperlora.transferability with ``h_score_features``,
+- the H-embedding of task T as the trainer computes it (hyperlora.method.transferability with ``h_score_features``,
   bootstrap resamples, AHP, the fit), on ``--samples`` images; the frozen features it reads are computed once per
   task for the router anyway and are timed apart;
 - the H-embedding's time as a share of the task's training time (200 steps);
@@ -28,7 +28,6 @@ import math
 import multiprocessing
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -40,16 +39,13 @@ from peak_memory import describe, peak_increase
 from peft import get_peft_model
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-from quickstart import DEFAULTS, QuickstartArguments, build_backbone
-
-from hyperlora.baselines import FrozenBaselines
-from hyperlora.checkpoint import atomic_write_json, atomic_write_text
 from hyperlora.cli import parse
-from hyperlora.embedding import fit_h_embedding, target_distances
-from hyperlora.losses import GuidanceDecoder, guidance_loss, output_regulariser
-from hyperlora.transferability import H_SCORE_FEATURES, old_task_features, transferability
+from hyperlora.demo import DEFAULTS, QuickstartArguments, build_backbone
+from hyperlora.evaluation.baselines import FrozenBaselines
+from hyperlora.files import atomic_write_json, atomic_write_text
+from hyperlora.method.embedding import fit_h_embedding, target_distances
+from hyperlora.method.losses import GuidanceDecoder, guidance_loss, output_regulariser
+from hyperlora.method.transferability import H_SCORE_FEATURES, old_task_features, transferability
 
 CLASSES = 4  # per task, as in the structured sequence
 

@@ -41,9 +41,10 @@ from huggingface_hub.errors import (
 )
 from torch import nn
 
-from .checkpoint import fsync_dir, staging_directory
-from .config import PEFT_TYPE
-from .model import HyperLoraModel
+from .files import fsync_dir, staging_directory
+from .tuner.card import README_FILE
+from .tuner.config import PEFT_TYPE
+from .tuner.model import tuned_model
 
 __all__ = ["CONFIG_FILE", "EMBEDDINGS_FILE", "FORMAT_VERSION", "README_FILE", "TaskEmbeddings"]
 
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 EMBEDDINGS_FILE = "task_embeddings.safetensors"
 CONFIG_FILE = "task_embeddings.json"
-README_FILE = "README.md"
 TENSOR_KEY = "task_embeddings"
 FORMAT = "hyperlora-task-embeddings"
 FORMAT_VERSION = 1
@@ -141,7 +141,7 @@ class TaskEmbeddings:
 
         Names default to ``task_0 ..``; ``h_scores`` (nested lists, array or tensor) default to all undefined.
         """
-        tuner = _tuner(model)
+        tuner = tuned_model(model)
         hypernet = tuner.hypernet
         if hypernet.num_tasks == 0:
             raise ValueError("the model has no tasks yet: call add_task() before exporting task embeddings")
@@ -162,7 +162,7 @@ class TaskEmbeddings:
         depth or target modules differ: the embeddings would mean something else there. A merged task is unmerged
         first, since its folded-in weights would no longer match.
         """
-        tuner = _tuner(model)
+        tuner = tuned_model(model)
         hypernet = tuner.hypernet
         target = _json_safe(tuner.peft_config[tuner.active_adapters[0]].to_dict())
         if hypernet.task_embedding_dim != self.embedding_dim:
@@ -384,67 +384,7 @@ class TaskEmbeddings:
             raise ValueError(f"{CONFIG_FILE} in {source} is invalid: {exc}") from None
 
 
-# --- the card of a whole adapter -------------------------------------------------------------------------------------
-
-_ADAPTER_START, _ADAPTER_END = "<!-- hyperlora-adapter -->", "<!-- /hyperlora-adapter -->"
-
-
-def write_adapter_card(model: nn.Module, folder: str | os.PathLike[str], source: str, fresh: bool) -> None:
-    """Complete the card PEFT wrote into ``folder`` for a HyperLoRA adapter (a PeftModel): the ``hyperlora`` tag, the
-    base model when known (``base_model_name_or_path``, a transformers model's name), and how to load it, from
-    ``source``, with ``import hyperlora`` first.
-
-    A ``fresh`` card (PEFT's empty template) becomes HyperLoRA's own; a card someone wrote keeps its text and gets
-    the loading section, replaced on every save.
-    """
-    from huggingface_hub import ModelCard
-
-    path = Path(folder) / README_FILE
-    card = ModelCard.load(path)
-    tuner = _tuner(model)
-    config = tuner.peft_config[tuner.active_adapters[0]]
-    base = config.base_model_name_or_path or card.data.base_model  # PEFT's card knows a transformers model's
-    tags = set(card.data.tags or []) | {"hyperlora", "continual-learning"}
-    card.data.library_name = "peft"
-    if base:
-        card.data.base_model = base
-        tags.add(f"base_model:adapter:{base}")
-    card.data.tags = sorted(tags)
-    targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
-    section = (
-        f"{_ADAPTER_START}\n# HyperLoRA adapter\n\n"
-        f"One hypernetwork that generates the LoRA weights (rank {config.r}) of every task, {tuner.hypernet.num_tasks} "
-        f"so far, each from a small task embedding, for the modules {targets}. PEFT knows this adapter type only "
-        "once `hyperlora` is imported; without it, `PeftModel.from_pretrained` raises `KeyError: 'HYPERLORA'`.\n\n"
-        "```python\nimport hyperlora  # noqa: F401  (registers the HYPERLORA type with PEFT)\n"
-        "from peft import PeftModel\n\n\n"
-        "def load(base_model):\n"
-        f'    """base_model: the model the adapter was trained on{f" ({base})" if base else ""}."""\n'
-        f"    return PeftModel.from_pretrained(base_model, {source!r})\n```\n\n"
-        "`model.set_task(i)` selects task i; `model(x, task_ids=ids)` runs one task per sample.\n"
-        f"{_ADAPTER_END}"
-    )
-    heading = "### Framework versions"  # what PEFT's card adds to its template
-    start, end = card.text.find(_ADAPTER_START), card.text.find(_ADAPTER_END)
-    if fresh:
-        card.text = f"{section}\n\n{card.text[card.text.index(heading) :] if heading in card.text else ''}"
-    elif 0 <= start < end:
-        card.text = card.text[:start] + section + card.text[end + len(_ADAPTER_END) :]
-    else:
-        card.text = f"{card.text.rstrip()}\n\n{section}\n"
-    card.save(path)
-
-
 # --- helpers ----------------------------------------------------------------------------------------------------------
-
-
-def _tuner(model: nn.Module) -> HyperLoraModel:
-    if isinstance(model, HyperLoraModel):
-        return model
-    base = getattr(model, "base_model", None)
-    if isinstance(base, HyperLoraModel):
-        return base
-    raise TypeError(f"expected a PeftModel with a HyperLoRA adapter or a HyperLoraModel, got {type(model).__name__}")
 
 
 def _check_h_scores(h_scores: Any, num_tasks: int) -> list[list[float | None]]:

@@ -3,7 +3,7 @@
 accelerate launch recipes/cifar100.py --output_dir outputs/cifar100
 """
 
-from common import run
+from hyperlora.training.recipe import run
 
 DEFAULTS = {
     "dataset_name": "uoft-cs/cifar100",

@@ -3,7 +3,7 @@
 accelerate launch recipes/domainnet.py --output_dir outputs/domainnet
 """
 
-from common import run
+from hyperlora.training.recipe import run
 
 DEFAULTS = {
     "dataset_name": "wltjr1007/DomainNet",

@@ -6,7 +6,7 @@ ImageNet-R has no official split: 20% of every class is held out with --split_se
     accelerate launch recipes/imagenet_r.py --dataset_name /data/imagenet-r --weights in21k_ft_in1k --num_tasks 20
 """
 
-from common import run
+from hyperlora.training.recipe import run
 
 DEFAULTS = {
     "dataset_name": "axiong/imagenet-r",

@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from hyperlora.baselines import FrozenBaselines
+from hyperlora.evaluation.baselines import FrozenBaselines
 
 
 def two_tasks(seed: int = 0, d: int = 6, per_class: int = 30):

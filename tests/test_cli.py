@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
+import accuracy
+import imagenet_r
 import pytest
+import quickstart
+import recipe_trial
+import relations
+import scale
+import speed
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "recipes"), str(ROOT / "benchmarks")]
-
-import accuracy  # noqa: E402
-import common  # noqa: E402
-import imagenet_r  # noqa: E402
-import quickstart  # noqa: E402
-import recipe_trial  # noqa: E402
-import relations  # noqa: E402
-import scale  # noqa: E402
-import speed  # noqa: E402
+import hyperlora.training.recipe as runner
 
 
 def values(parsed) -> dict:
@@ -31,7 +26,7 @@ def values(parsed) -> dict:
 
 # script: its parser, and one argument under its old spelling
 SCRIPTS = {
-    "imagenet_r": (lambda argv: common.parse_arguments(imagenet_r.DEFAULTS, argv), "--num_epochs", "num_train_epochs"),
+    "imagenet_r": (lambda argv: runner.parse_arguments(imagenet_r.DEFAULTS, argv), "--num_epochs", "num_train_epochs"),
     "quickstart": (quickstart.parse_args, "--num_epochs", "num_train_epochs"),
     "accuracy": (accuracy.parse_args, "--epochs", "num_train_epochs"),
     "relations": (relations.parse_args, "--epochs", "num_train_epochs"),
@@ -66,9 +61,9 @@ def test_a_prefix_of_an_argument_is_an_error(script, capsys):
 
 
 def test_every_boolean_has_a_no_flag_whatever_its_default(tmp_path):
-    assert values(common.parse_arguments(imagenet_r.DEFAULTS, []))["augment"] is True  # the recipe's default
-    assert values(common.parse_arguments(imagenet_r.DEFAULTS, ["--no_augment"]))["augment"] is False
-    assert values(common.parse_arguments(imagenet_r.DEFAULTS, ["--augment", "false"]))["augment"] is False
+    assert values(runner.parse_arguments(imagenet_r.DEFAULTS, []))["augment"] is True  # the recipe's default
+    assert values(runner.parse_arguments(imagenet_r.DEFAULTS, ["--no_augment"]))["augment"] is False
+    assert values(runner.parse_arguments(imagenet_r.DEFAULTS, ["--augment", "false"]))["augment"] is False
     assert values(quickstart.parse_args(["--no_plots"]))["plots"] is False
     assert values(quickstart.parse_args(["--resume"]))["resume_from_checkpoint"] is True  # old spelling
     assert accuracy.parse_args([]).pretrained and not accuracy.parse_args(["--no_pretrained"]).pretrained
@@ -82,10 +77,10 @@ def test_every_boolean_has_a_no_flag_whatever_its_default(tmp_path):
 def test_target_modules_take_several_names_or_one_regex(make_timm_vit):
     from peft import get_peft_model
 
-    from hyperlora.layer import HyperLoraLayer
+    from hyperlora.tuner.layer import HyperLoraLayer
 
     def adapted(argv: list[str]) -> list[str]:
-        config = common.parse_arguments(imagenet_r.DEFAULTS, argv)[2]
+        config = runner.parse_arguments(imagenet_r.DEFAULTS, argv)[2]
         model = get_peft_model(make_timm_vit(), config)
         return sorted(name for name, m in model.base_model.model.named_modules() if isinstance(m, HyperLoraLayer))
 

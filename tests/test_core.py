@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from hyperlora import HyperLoraConfig, HyperLoraLayer, HyperNetwork
-from hyperlora.model import TIMM_VIT_TARGETS, TRANSFORMERS_VIT_TARGETS
+from hyperlora.tuner.model import TIMM_VIT_TARGETS, TRANSFORMERS_VIT_TARGETS
 
 # peft asks transformers 5.x models is_gradient_checkpointing, deprecated there; not HyperLoRA's concern.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

@@ -8,7 +8,7 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from hyperlora.embedding import (
+from hyperlora.method.embedding import (
     ahp_priorities,
     fit_h_embedding,
     median_pairwise_distance,

@@ -3,7 +3,7 @@
 The killed runs are separate processes (``subprocess.run`` of a tiny script that calls ``child_main`` below), killed
 with ``os.kill(os.getpid(), signal.SIGKILL)`` from inside: no ``finally``, no ``atexit``, no flushing. A resumed
 process must then reproduce the metrics of an uninterrupted run with the same seed, and whatever the kill left on disk
-must be either whole or inside a temporary ``.NAME.XXXX.tmp`` folder/file of hyperlora.checkpoint (which the next
+must be either whole or inside a temporary ``.NAME.XXXX.tmp`` folder/file of hyperlora.files (which the next
 published checkpoint removes).
 """
 
@@ -26,11 +26,11 @@ from conftest import BN_CNN_TARGETS, build_bn_cnn
 from test_trainer import arguments, config, make_task, tiny_vit
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import hyperlora.trainer as trainer_module
-from hyperlora.checkpoint import latest_checkpoint
+import hyperlora.training.trainer as trainer_module
 from hyperlora.data import Task
+from hyperlora.files import latest_checkpoint
+from hyperlora.method.transferability import h_score
 from hyperlora.trainer import ContinualTrainer
-from hyperlora.transferability import h_score
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -124,10 +124,9 @@ def child_main(argv: list[str]) -> None:
     make_trainer(backbone, Path(output_dir), resume_from_checkpoint=argv[3:] == ["resume"]).fit(make_tasks())
 
 
-CHILD = f"""\
+CHILD = """\
 import sys
-sys.path[:0] = [{str(ROOT)!r}, {str(TESTS)!r}]
-from test_interruption import child_main
+from test_interruption import child_main  # found through PYTHONPATH
 child_main(sys.argv[1:])
 """
 
@@ -139,7 +138,8 @@ def _run_child(
     script: Path, backbone: str, output_dir: Path, point: str, resume: bool = False
 ) -> subprocess.CompletedProcess:
     command = [sys.executable, str(script), backbone, str(output_dir), point] + (["resume"] if resume else [])
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _trained_tasks(child: subprocess.CompletedProcess) -> list[int]:
@@ -358,7 +358,7 @@ def test_a_one_class_task_is_refused_before_training_and_named():
 
 
 def test_publishing_a_checkpoint_clears_what_killed_runs_left(tmp_path):
-    from hyperlora.checkpoint import latest_checkpoint, publish_checkpoint
+    from hyperlora.files import latest_checkpoint, publish_checkpoint
 
     for name in ("task-000", "task-001", ".task-002.ab12.tmp"):
         (tmp_path / name).mkdir()

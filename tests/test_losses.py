@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hyperlora.hypernet import HypernetOutput
-from hyperlora.losses import GuidanceDecoder, guidance_loss, guidance_weight, output_regulariser
+from hyperlora.method.losses import GuidanceDecoder, guidance_loss, guidance_weight, output_regulariser
+from hyperlora.tuner.hypernet import HypernetOutput
 
 
 def test_output_regulariser_is_the_mean_over_sampled_tasks_of_squared_distances():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from hyperlora.metrics import continual_metrics
+from hyperlora.evaluation.metrics import continual_metrics
 
 NAN = math.nan
 R = [

@@ -79,7 +79,7 @@ def test_peft_minor_version_is_the_pinned_one():
     installed = tuple(peft.__version__.split(".")[:2])
     assert installed == pinned, (
         f"peft {peft.__version__} installed, HyperLoRA's registration was written for {'.'.join(pinned)}.x: "
-        "re-check hyperlora/_peft_registration.py and the BaseTuner hooks HyperLoraModel overrides"
+        "re-check hyperlora/tuner/registration.py and the BaseTuner hooks HyperLoraModel overrides"
     )
 
 
@@ -109,7 +109,7 @@ def test_base_tuner_still_has_the_hooks_hyperlora_overrides():
         ("_upload_modified_files", PeftModel._upload_modified_files),
         ("from_json_file", PeftConfigMixin.from_json_file.__func__),
     ]:
-        assert wrapped.__code__.co_filename.endswith("_peft_registration.py"), name
+        assert wrapped.__code__.co_filename.endswith("registration.py"), name
         assert not hasattr(wrapped.__wrapped__, "__wrapped__"), name
 
 

@@ -8,7 +8,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from hyperlora import plots
+from hyperlora.evaluation import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,18 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cifar100
+import domainnet
+import imagenet_r
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-sys.path.insert(0, str(RECIPES))
+import hyperlora.training.recipe as runner
 
-import cifar100  # noqa: E402
-import common  # noqa: E402
-import domainnet  # noqa: E402
-import imagenet_r  # noqa: E402
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 TINY = [
     "--model_name_or_path", "vit_tiny_patch16_224",
@@ -70,7 +69,7 @@ def read(path: Path):
 def test_imagenet_r_recipe_holds_out_a_seeded_fifth_and_averages_seeds(flat_folder, tmp_path):
     out = tmp_path / "run"
     argv = ["--dataset_name", str(flat_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
-    summary = common.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "2"])
+    summary = runner.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "2"])
 
     protocol = read(out / "protocol.json")
     expected_order = np.random.RandomState(1993).permutation(4).tolist()
@@ -96,7 +95,7 @@ def test_imagenet_r_recipe_holds_out_a_seeded_fifth_and_averages_seeds(flat_fold
 def test_recipe_uses_the_datasets_own_test_split(recipe, split_folder, tmp_path):
     out = tmp_path / "run"
     argv = ["--dataset_name", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
-    common.run(recipe.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1"])
+    runner.run(recipe.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1"])
     protocol = read(out / "protocol.json")
     assert protocol["split"] == {"train_split": "train", "test_split": "test"}
     metrics = read(out / "seed-0" / "metrics.json")
@@ -107,24 +106,24 @@ def test_recipe_uses_the_datasets_own_test_split(recipe, split_folder, tmp_path)
 def test_config_file_is_overridden_by_the_command_line_and_recorded(split_folder, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"num_tasks": 2, "r": 3, "learning_rate": 0.5, "class_order": [3, 2, 1, 0]}))
-    data, model, hyper, training = common.parse_arguments(
+    data, model, hyper, training = runner.parse_arguments(
         cifar100.DEFAULTS, ["--config", str(config), "--dataset_name", str(split_folder), "--learning_rate", "0.01"]
     )
     assert (data.num_tasks, hyper.r, training.learning_rate, data.class_order) == (2, 3, 0.01, [3, 2, 1, 0])
     assert (data.image_column, training.num_train_epochs) == ("img", cifar100.DEFAULTS["num_train_epochs"])
     assert model.create_model  # the default backbone is ViT-B/16 in21k, created only when a run starts
-    assert common.WEIGHTS[model.weights] == "vit_base_patch16_224.augreg_in21k"
+    assert runner.WEIGHTS[model.weights] == "vit_base_patch16_224.augreg_in21k"
 
 
 def test_recorded_arguments_are_a_valid_config_file(split_folder, tmp_path):
     out = tmp_path / "run"
     argv = ["--dataset_name", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
-    common.run(
+    runner.run(
         cifar100.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1", "--class_order", "0", "1", "2", "3"]
     )
     recorded = yaml.safe_load((out / "arguments.yaml").read_text())
     assert recorded["class_order"] == [0, 1, 2, 3] and recorded["r"] == 2
-    data, _, hyper, training = common.parse_arguments({}, ["--config", str(out / "arguments.yaml")])
+    data, _, hyper, training = runner.parse_arguments({}, ["--config", str(out / "arguments.yaml")])
     assert (data.dataset_name, hyper.r, training.max_steps_per_task) == (str(split_folder), 2, 2)
 
 
@@ -140,13 +139,13 @@ def test_bad_config_files_are_named(content, message, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
-        common.parse_arguments(cifar100.DEFAULTS, ["--config", str(path)])
+        runner.parse_arguments(cifar100.DEFAULTS, ["--config", str(path)])
 
 
 def test_wrong_columns_and_uneven_tasks_are_named(tmp_path, split_folder):
     from datasets import Dataset, DatasetDict
 
-    from hyperlora.protocol import class_order, load_image_dataset, split_into_tasks, standardise_columns
+    from hyperlora.data.protocol import class_order, load_image_dataset, split_into_tasks, standardise_columns
 
     with pytest.raises(ValueError, match="7 classes cannot be cut into 2 tasks"):
         split_into_tasks(None, None, 2, list(range(7)))
@@ -188,7 +187,7 @@ def test_a_folders_train_and_test_are_used_whatever_the_recipe_says(disjoint_fol
     monkeypatch.setattr(ContinualTrainer, "fit", spy)
     out = tmp_path / "run"
     argv = ["--dataset_name", str(disjoint_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
-    common.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1"])
+    runner.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1"])
 
     protocol = read(out / "protocol.json")
     assert protocol["split"] == {"train_split": "train", "test_split": "test"}
@@ -201,7 +200,7 @@ def test_report_to_tensorboard_writes_each_seeds_events_under_the_output_folder(
 
     out = tmp_path / "run"
     argv = ["--dataset_name", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
-    common.run(cifar100.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1", "--report_to", "tensorboard"])
+    runner.run(cifar100.DEFAULTS, [*argv, *TINY, "--num_tasks", "2", "--num_seeds", "1", "--report_to", "tensorboard"])
     (events,) = (out / "seed-0" / "hyperlora").glob("events.out.tfevents.*")
     logged = EventAccumulator(str(events)).Reload()
     assert [e.value for e in logged.Scalars("eval/task_il_accuracy")] == pytest.approx(
@@ -218,7 +217,7 @@ def test_a_refused_resume_or_rerun_leaves_the_run_as_it_was(split_folder, tmp_pa
     out = tmp_path / "run"
     argv = ["--dataset_name", str(split_folder), "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
     argv += [*TINY, "--num_tasks", "2", "--num_seeds", "1"]
-    common.run(cifar100.DEFAULTS, argv)
+    runner.run(cifar100.DEFAULTS, argv)
     before = snapshot(out)
     assert {"arguments.yaml", "protocol.json"} <= set(before)
     deeper = TINY[TINY.index("--model_kwargs") + 1].replace('"depth": 1', '"depth": 2')
@@ -233,7 +232,7 @@ def test_a_refused_resume_or_rerun_leaves_the_run_as_it_was(split_folder, tmp_pa
     ]
     for change, named in refusals:
         with pytest.raises(SystemExit, match=named):
-            common.run(cifar100.DEFAULTS, [*argv, *change])
+            runner.run(cifar100.DEFAULTS, [*argv, *change])
         assert snapshot(out) == before, change
 
 
@@ -258,7 +257,7 @@ def test_bad_data_and_targets_are_one_line_errors_that_write_nothing(split_folde
     for (dataset, *extra), message in cases:
         argv = ["--dataset_name", dataset, *extra, "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
         with pytest.raises(SystemExit, match=message) as refused:
-            common.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2"])
+            runner.run(imagenet_r.DEFAULTS, [*argv, *TINY, "--num_tasks", "2"])
         assert "\n" not in str(refused.value) and not out.exists(), dataset
 
 
@@ -323,10 +322,10 @@ def test_resume_reads_finished_seeds_back_and_trains_the_missing_one(split_folde
         str(out),
         *TINY,
     ]
-    common.run(cifar100.DEFAULTS, [*argv, "--num_tasks", "2", "--num_seeds", "1"])
+    runner.run(cifar100.DEFAULTS, [*argv, "--num_tasks", "2", "--num_seeds", "1"])
     first = read(out / "seed-0" / "metrics.json")
     adapter = (out / "seed-0" / "final" / "adapter" / "adapter_model.safetensors").read_bytes()
-    summary = common.run(cifar100.DEFAULTS, [*argv, "--num_tasks", "2", "--num_seeds", "2", "--resume_from_checkpoint"])
+    summary = runner.run(cifar100.DEFAULTS, [*argv, "--num_tasks", "2", "--num_seeds", "2", "--resume_from_checkpoint"])
     assert read(out / "seed-0" / "metrics.json")["accuracy_matrix"] == first["accuracy_matrix"]
     assert (out / "seed-0" / "final" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert (out / "seed-1" / "metrics.json").exists() and summary["seeds"] == [0, 1]
@@ -334,7 +333,6 @@ def test_resume_reads_finished_seeds_back_and_trains_the_missing_one(split_folde
 
 def test_accuracy_benchmark_runs_every_method_on_the_imagenet_r_protocol(flat_folder, tmp_path):
     """benchmarks/accuracy.py --benchmark imagenet_r: the recipe's data path and split, every method, one report."""
-    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
     import accuracy
 
     out = tmp_path / "accuracy"
@@ -372,13 +370,12 @@ def test_accuracy_benchmark_runs_every_method_on_the_imagenet_r_protocol(flat_fo
 
 
 def test_lora_baselines_adapt_the_same_modules_as_hyperlora():
-    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
     import accuracy
     import timm
     from peft import get_peft_model
 
     from hyperlora import HyperLoraConfig
-    from hyperlora.layer import HyperLoraLayer
+    from hyperlora.tuner.layer import HyperLoraLayer
 
     def vit():
         return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, depth=2)
@@ -393,10 +390,11 @@ def test_lora_baselines_adapt_the_same_modules_as_hyperlora():
 
 
 def test_quickstart_backbone_pads_inside_its_convolutions_with_the_same_features():
-    import quickstart
     import torch
     from efficientnet_lite_pytorch import EfficientNet
     from torch import nn
+
+    from hyperlora import demo as quickstart
 
     folded = quickstart.PooledEfficientNet().eval()
     reference = EfficientNet.from_name("efficientnet-lite0").eval()  # the package's own padded convolutions
@@ -411,7 +409,6 @@ def test_quickstart_backbone_pads_inside_its_convolutions_with_the_same_features
 
 def test_accuracy_benchmark_on_the_structured_sequence_reports_frozen_baselines_headroom_and_relations(tmp_path):
     """benchmarks/accuracy.py --benchmark structured: the quickstart's backbone and sequence, tiny."""
-    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
     import accuracy
 
     out = tmp_path / "structured-2"
@@ -443,7 +440,6 @@ def test_accuracy_benchmark_on_the_structured_sequence_reports_frozen_baselines_
 
 def test_accuracy_budget_records_the_embedding_learning_rate_only_when_it_is_set():
     """So that runs from before --embedding_learning_rate still merge with runs that leave it at its default."""
-    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
     import accuracy
 
     assert "embedding_lr" not in accuracy.budget_of(accuracy.parse_args([]))
@@ -454,7 +450,6 @@ def test_accuracy_budget_records_the_embedding_learning_rate_only_when_it_is_set
 
 def test_recipe_trial_writes_the_structured_tasks_as_a_folder_and_runs_the_recipe_on_its_splits(tmp_path):
     """benchmarks/recipe_trial.py, the GPU check, on the CPU with a one-block ViT."""
-    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
     import recipe_trial
 
     recipe_trial.main(["--model_name_or_path", "vit_tiny_patch16_224", "--image_size", "32", "--num_tasks", "2",
@@ -469,7 +464,6 @@ def test_recipe_trial_writes_the_structured_tasks_as_a_folder_and_runs_the_recip
 
 def test_relations_ground_truth_rates_features_that_carry_the_label_above_noise():
     """benchmarks/relations.py's transfer: a logistic probe's held-out accuracy on each old task's features."""
-    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
     import relations
     import torch
 
@@ -487,7 +481,6 @@ def test_relations_ground_truth_rates_features_that_carry_the_label_above_noise(
 
 def test_relations_report_gives_each_probe_its_own_ceiling_and_the_command_its_options(tmp_path):
     """benchmarks/relations.py's per-probe table: the seed-to-seed Spearman of one probe's ground truth (scipy)."""
-    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
     import relations
     from scipy.stats import spearmanr
 
@@ -515,7 +508,6 @@ def test_relations_report_gives_each_probe_its_own_ceiling_and_the_command_its_o
 
 def test_scale_benchmark_times_the_estimator_it_is_given():
     """benchmarks/scale.py --h_score_features head: the row says which estimator it timed, and it is that one."""
-    sys.path.insert(0, str(RECIPES.parent / "benchmarks"))
     import scale
 
     quick = ["--samples", "16", "--warmup", "1", "--repeats", "1", "--threads", "1"]

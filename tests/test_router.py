@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from hyperlora.router import GaussianRouter, entropy_route
+from hyperlora.method.router import GaussianRouter, entropy_route
 
 
 def blobs(seed: int = 0, classes: int = 6, per_class: int = 40, d: int = 5):

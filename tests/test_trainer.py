@@ -16,7 +16,8 @@ from PIL import Image as PILImage
 
 from hyperlora import HyperLoraConfig
 from hyperlora.data import Task
-from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments, tracker_config
+from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
+from hyperlora.training.trainer import tracker_config
 
 
 def _images(rng: np.random.Generator, label: int, count: int, size: int = 16) -> list[PILImage.Image]:
@@ -170,7 +171,8 @@ def test_frozen_baselines_match_scikit_learn_and_numpy_on_the_same_features(tmp_
 
 
 def test_unaugmented_splits_are_decoded_once_and_the_cache_changes_no_result(tmp_path, tasks, monkeypatch):
-    from hyperlora import data, trainer
+    from hyperlora.data import tasks as data
+    from hyperlora.training import trainer
 
     calls = []
     transform = data.ImageSpec.transform

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
-from hyperlora.router import GaussianRouter
-from hyperlora.transferability import h_score, old_task_features, transferability
+from hyperlora.method.router import GaussianRouter
+from hyperlora.method.transferability import h_score, old_task_features, transferability
 
 
 def blobs(n: int = 300, d: int = 6, classes: int = 3, separation: float = 2.0, seed: int = 0):

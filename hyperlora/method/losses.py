@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hypernet import HypernetOutput
+from ..tuner.hypernet import HypernetOutput
 
 
 def output_regulariser(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from .router import GaussianRouter
+from ..method.router import GaussianRouter
 
 CLASS_INCREMENTAL = ("ncm", "lda", "ranpac")
 

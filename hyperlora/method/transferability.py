@@ -1,7 +1,7 @@
 """The H-score: how well features transfer to a labelled task, without training anything on them.
 
 ``h_score`` is the raw score, in [0, C - 1] for C classes. ``transferability`` scores every old task on a new task's
-data, normalised to [0, 1], with paired bootstrap resamples for the noise-aware AHP (hyperlora.embedding). Which
+data, normalised to [0, 1], with paired bootstrap resamples for the noise-aware AHP (hyperlora.method.embedding). Which
 features each old task is judged by (``old_task_features``) is ``HyperLoraConfig.h_score_features``:
 
 - ``"lda"``: the frozen backbone's features times the old task's LDA directions (from the class statistics the router
@@ -14,13 +14,15 @@ features each old task is judged by (``old_task_features``) is ``HyperLoraConfig
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
-H_SCORE_FEATURES = ("lda", "head", "pooled")
+from ..tuner.config import HScoreFeatures
+
+H_SCORE_FEATURES = get_args(HScoreFeatures)
 
 
 def _as_float64(features) -> np.ndarray:

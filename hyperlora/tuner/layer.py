@@ -1,6 +1,6 @@
 """HyperLoraLayer: a Linear or 1x1 Conv2d whose LoRA factors are generated, not stored.
 
-The layer owns no adapter parameters. Before every forward the tuner (hyperlora.model) runs the hypernetwork once
+The layer owns no adapter parameters. Before every forward the tuner (hyperlora.tuner.model) runs the hypernetwork once
 for all layers and hands each layer its (A, B) and, for mixed-task batches, the sample -> task index; the layer only
 applies them. That keeps generation to one batched hypernet call per forward instead of one per layer.
 """

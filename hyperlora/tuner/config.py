@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import safetensors
 from huggingface_hub import hf_hub_download
@@ -15,8 +15,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-from .checkpoint import check_sha256, sha256, umask
-from .transferability import H_SCORE_FEATURES
+from ..files import check_sha256, sha256, umask
 
 PEFT_TYPE = "HYPERLORA"
 
@@ -26,10 +25,10 @@ Router = Literal["gaussian", "entropy"]
 HScoreFeatures = Literal["lda", "head", "pooled"]
 
 _CHOICES = {
-    "h_score_features": H_SCORE_FEATURES,
-    "normalisation": ("ahp", "minmax", "none"),
-    "embedding_init": ("h_embedding", "random"),
-    "router": ("gaussian", "entropy"),
+    "h_score_features": get_args(HScoreFeatures),
+    "normalisation": get_args(Normalisation),
+    "embedding_init": get_args(EmbeddingInit),
+    "router": get_args(Router),
 }
 _POSITIVE_INTS = (
     "r",

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Task
+from .tasks import Task
 
 CLASS_ORDER_SEED = 1993
 

@@ -359,6 +359,16 @@ class HyperLoraModel(BaseTuner):
         return remapped
 
 
+def tuned_model(model: nn.Module) -> HyperLoraModel:
+    """The HyperLoraModel of a PeftModel (or the HyperLoraModel itself)."""
+    if isinstance(model, HyperLoraModel):
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, HyperLoraModel):
+        return base
+    raise TypeError(f"expected a PeftModel with a HyperLoRA adapter or a HyperLoraModel, got {type(model).__name__}")
+
+
 def _shape_fields(shapes: dict[str, torch.Size], marker: str) -> dict[str, object]:
     """The config values a hypernetwork state dict's shapes imply (what can be read off a checkpoint)."""
     by_name = {key.split(marker, 1)[1]: shape for key, shape in shapes.items() if marker in key}

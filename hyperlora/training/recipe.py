@@ -1,4 +1,5 @@
-"""What every benchmark recipe shares: arguments, data, backbone, the multi-seed loop and its summary.
+"""What every benchmark recipe (recipes/imagenet_r.py, ...) shares: arguments, data, backbone, the multi-seed loop
+and its summary.
 
 A recipe is a set of defaults; arguments come from those, then from ``--config file.yaml|json``, then from the
 command line (each overriding the last), the Hugging Face ``HfArgumentParser`` way.
@@ -17,11 +18,12 @@ from typing import Any, Literal
 import yaml
 from peft import PeftConfig
 
-from hyperlora import HyperLoraConfig, cli
-from hyperlora.checkpoint import atomic_write_json, atomic_write_text
-from hyperlora.data import Task
-from hyperlora.metrics import METRIC_KEYS, summarise_runs
-from hyperlora.trainer import ContinualTrainingArguments
+from .. import cli
+from ..data import Task
+from ..evaluation.metrics import METRIC_KEYS, summarise_runs
+from ..files import atomic_write_json, atomic_write_text
+from ..tuner import HyperLoraConfig
+from .trainer import ContinualTrainingArguments
 
 WEIGHTS = {
     "in21k": "vit_base_patch16_224.augreg_in21k",
@@ -128,7 +130,7 @@ def arguments_dict(*groups) -> dict[str, dict[str, Any]]:
 
 def load_tasks(data: DataArguments) -> tuple[list[Task], dict[str, Any]]:
     """The protocol's task sequence, and what reproduces it (split, class order, task sizes) for protocol.json."""
-    from hyperlora.protocol import class_names, class_order, load_image_dataset, split_into_tasks, train_test_split
+    from ..data.protocol import class_names, class_order, load_image_dataset, split_into_tasks, train_test_split
 
     splits = load_image_dataset(
         data.dataset_name,
@@ -188,7 +190,7 @@ def run(defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, An
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from hyperlora.trainer import ContinualTrainer
+    from .trainer import ContinualTrainer
 
     data, model_args, config, training = parse_arguments(defaults, argv)
     # as AcceleratorState does: without cpu=True, `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` would run

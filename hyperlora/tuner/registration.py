@@ -20,8 +20,8 @@ from peft import PeftModel
 from peft.config import PeftConfigMixin
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+from .card import README_FILE, write_adapter_card
 from .config import PEFT_TYPE, HyperLoraConfig
-from .hub import README_FILE, write_adapter_card
 from .model import HyperLoraModel
 
 

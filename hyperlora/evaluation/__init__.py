@@ -1,0 +1,1 @@
+"""Continual-learning metrics, the frozen-feature baselines every result stands beside, and plots."""

@@ -1,0 +1,6 @@
+"""ContinualTrainer: the method of ``hyperlora.method`` run over a task sequence, one task after another, with
+checkpoints, evaluation against the frozen baselines, and the protocol's multi-seed recipe runner (``recipe``)."""
+
+from .trainer import ContinualTrainer, ContinualTrainingArguments
+
+__all__ = ["ContinualTrainer", "ContinualTrainingArguments"]
