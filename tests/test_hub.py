@@ -23,8 +23,8 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 import hyperlora
-from hyperlora import hub as hub_module
 from hyperlora.hub import CONFIG_FILE, EMBEDDINGS_FILE, README_FILE, TaskEmbeddings
+from hyperlora.hub import embeddings as embeddings_module
 
 TOKEN = "hf_FAKEtestTOKENnotREAL0123456789abcd"  # recognisable: it must never show up in a message or a log
 OTHER_TOKEN = "hf_SOMEoneELSEStokenNOTreal9876543210"
@@ -208,7 +208,7 @@ def test_save_pretrained_failure_leaves_nothing_half_written(
         TaskEmbeddings.from_model(build_model(), task_names=["old0", "old1", "old2"]).save_pretrained(target)
     before, entries = listing(tmp_path), sorted(os.listdir(tmp_path))
     calls = []
-    real_write = hub_module._write_file
+    real_write = embeddings_module._write_file
 
     def failing_write(path: Path, data: bytes) -> None:
         calls.append(path.name)
@@ -217,7 +217,7 @@ def test_save_pretrained_failure_leaves_nothing_half_written(
             raise OSError("No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(hub_module, "_write_file", failing_write)
+    monkeypatch.setattr(embeddings_module, "_write_file", failing_write)  # where save_pretrained looks it up
     with pytest.raises(OSError, match="No space left"):
         sample_embeddings().save_pretrained(target)
     assert listing(tmp_path) == before  # the target is as it was and no staging folder is left

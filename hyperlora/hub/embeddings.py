@@ -1,71 +1,51 @@
-"""Share task embeddings on the Hugging Face Hub: a few kilobytes that turn a shared hypernetwork into new tasks' LoRAs.
-
-A HyperLoRA adapter is a hypernetwork plus one small embedding per task. Once the hypernetwork is shared (for
-instance with PEFT's own ``push_to_hub``), a set of tasks travels as its embeddings alone. :class:`TaskEmbeddings`
-holds them with their task names, the H-score matrix they were guided by, and the config they belong to, and moves
-them between a model, a local folder and a Hub model repository.
-
-On disk and on the Hub a set is exactly three files: ``task_embeddings.safetensors`` (one float32 tensor under the
-key ``task_embeddings``), ``task_embeddings.json`` (names, H-scores, config and the tensor file's SHA-256) and a
-``README.md`` model card. Loading reads only those names, only safetensors and JSON: no pickle, no remote code.
-"""
+"""TaskEmbeddings: a set of task embeddings with their names, H-scores and config, moved between a model, a local
+folder and a Hub model repository."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import RepositoryNotFoundError
 from torch import nn
 
-from .files import fsync_dir, staging_directory
-from .tuner.card import README_FILE
-from .tuner.config import PEFT_TYPE
-from .tuner.model import tuned_model
+from ..files import fsync_dir, staging_directory
+from ..tuner.card import README_FILE
+from ..tuner.config import PEFT_TYPE
+from ..tuner.model import tuned_model
+from .client import _VERSION, _api, _exists_as_other_type, _hub_errors
+from .file_format import (
+    _CARD_MARKER,
+    _DOWNLOADED,
+    CONFIG_FILE,
+    EMBEDDINGS_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    TENSOR_KEY,
+    _check_h_scores,
+    _json_safe,
+    _read_bytes,
+    _read_header,
+    _write_file,
+)
 
-__all__ = ["CONFIG_FILE", "EMBEDDINGS_FILE", "FORMAT_VERSION", "README_FILE", "TaskEmbeddings"]
+__all__ = ["TaskEmbeddings"]
 
 logger = logging.getLogger(__name__)
 
-EMBEDDINGS_FILE = "task_embeddings.safetensors"
-CONFIG_FILE = "task_embeddings.json"
-TENSOR_KEY = "task_embeddings"
-FORMAT = "hyperlora-task-embeddings"
-FORMAT_VERSION = 1
-# The only names ever read from or written to a folder or a repo: nothing else can be fetched, nothing can escape.
-_DOWNLOADED = (CONFIG_FILE, EMBEDDINGS_FILE)
 # What must agree between the source's config and the target's for the same embedding to yield the same LoRA.
 _MUST_MATCH = ("r", "task_embedding_dim", "module_embedding_dim", "hypernet_hidden_dim", "hypernet_num_layers")
-_CARD_MARKER = "<!-- hyperlora-task-embeddings -->"
-_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}|(?i:bearer)\s+\S+")
-
-try:
-    _VERSION: str | None = metadata.version("hyperlora")
-except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    _VERSION = None
 
 
 @dataclass(eq=False)  # tensors have no single truth value: compare fields explicitly
@@ -382,141 +362,3 @@ class TaskEmbeddings:
             return cls(embeddings, header["task_names"], header["h_scores"], header["config"])
         except ValueError as exc:
             raise ValueError(f"{CONFIG_FILE} in {source} is invalid: {exc}") from None
-
-
-# --- helpers ----------------------------------------------------------------------------------------------------------
-
-
-def _check_h_scores(h_scores: Any, num_tasks: int) -> list[list[float | None]]:
-    if hasattr(h_scores, "tolist"):  # numpy array or tensor
-        h_scores = h_scores.tolist()
-    if not isinstance(h_scores, list | tuple) or len(h_scores) != num_tasks:
-        raise ValueError(f"h_scores must be a {num_tasks} x {num_tasks} matrix (one row per task)")
-    rows: list[list[float | None]] = []
-    for i, row in enumerate(h_scores):
-        if not isinstance(row, list | tuple) or len(row) != num_tasks:
-            raise ValueError(
-                f"h_scores must be a {num_tasks} x {num_tasks} matrix; row {i} is not of length {num_tasks}"
-            )
-        clean: list[float | None] = []
-        for j, value in enumerate(row):
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                clean.append(None)
-            elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                clean.append(float(value))
-            else:
-                raise ValueError(f"h_scores[{i}][{j}] must be a finite number or None, got {value!r}")
-        rows.append(clean)
-    return rows
-
-
-def _json_safe(value: Any) -> Any:
-    """Sets become sorted lists, tuples lists, enums their value: what JSON can hold and compare reliably."""
-    if isinstance(value, Enum):
-        return _json_safe(value.value)
-    if isinstance(value, Mapping):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, set | frozenset):
-        return sorted((_json_safe(item) for item in value), key=repr)
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, str | int | float):
-        return value
-    return str(value)
-
-
-def _read_bytes(path: Path, source: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{source} has no {path.name}: not a HyperLoRA task-embeddings folder") from None
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"non-finite number {name}")
-
-
-def _read_header(path: Path, source: str) -> dict[str, Any]:
-    raw = _read_bytes(path, source)
-    try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{CONFIG_FILE} in {source} is corrupted or truncated (not valid JSON: {exc})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{CONFIG_FILE} in {source} is not a HyperLoRA task-embeddings file")
-    version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{CONFIG_FILE} in {source} has format_version {version!r}; this hyperlora reads up to {FORMAT_VERSION}: "
-            "upgrade hyperlora"
-        )
-    missing = [k for k in ("num_tasks", "task_embedding_dim", "task_names", "h_scores", "config") if k not in header]
-    if missing:
-        raise ValueError(f"{CONFIG_FILE} in {source} lacks {', '.join(missing)}")
-    return header
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _api(endpoint: str | None, token: str | bool | None) -> HfApi:
-    return HfApi(endpoint=endpoint, token=token, library_name="hyperlora", library_version=_VERSION)
-
-
-def _exists_as_other_type(api: HfApi, repo_id: str, token: str | bool | None) -> bool:
-    for repo_type in ("dataset", "space"):
-        try:
-            if api.repo_exists(repo_id, repo_type=repo_type, token=token):
-                return True
-        except HfHubHTTPError:
-            pass
-    return False
-
-
-def _scrub(text: str, token: str | bool | None) -> str:
-    """Remove the token (and anything token-shaped) from a message that may end up in logs."""
-    if isinstance(token, str) and token:
-        text = text.replace(token, "***")
-    return _TOKEN_PATTERN.sub("***", text)
-
-
-@contextmanager
-def _hub_errors(repo_id: str, token: str | bool | None, *, action: str) -> Iterator[None]:
-    """Turn huggingface_hub's errors into ones that say what went wrong here, never quoting the token."""
-    repo = repo_id
-    try:
-        yield
-    except HFValidationError:
-        raise ValueError(f"{repo!r} is neither an existing local folder nor a valid Hub repo id") from None
-    except RevisionNotFoundError:
-        raise FileNotFoundError(f"Hub repository {repo!r} has no such revision") from None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(
-            f"Hub model repository {repo!r} was not found, or it is private or gated and the token (if any) does "
-            "not grant access"
-        ) from None
-    except (EntryNotFoundError, LocalEntryNotFoundError) as exc:
-        first_line = _scrub(str(exc), token).strip().splitlines()[0]
-        raise FileNotFoundError(f"could not {action} the task-embedding files of {repo!r}: {first_line}") from None
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            raise PermissionError(
-                f"the Hub refused to {action} {repo!r} (HTTP {status}): check that the token is valid and has "
-                "access to that repository or namespace"
-            ) from None
-        raise OSError(f"Hub request to {action} {repo!r} failed: {_scrub(str(exc), token)}") from None
-    except Exception as exc:
-        transport = type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
-        if not (transport or isinstance(exc, ConnectionError | TimeoutError)):
-            raise
-        raise OSError(
-            f"could not {action} {repo!r}: the Hub is unreachable or offline mode is on "
-            f"({type(exc).__name__}: {_scrub(str(exc), token)})"
-        ) from None
