@@ -71,8 +71,10 @@ from hyperlora.demo import build_backbone
 from hyperlora.evaluation.baselines import CLASS_INCREMENTAL, FrozenBaselines
 from hyperlora.evaluation.metrics import METRIC_KEYS, continual_metrics
 from hyperlora.files import atomic_write_json, atomic_write_text
+from hyperlora.optim import cosine_schedule
 from hyperlora.structured import relation_matrix, sequence, structured_tasks
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
+from hyperlora.training.step import train_mode
 from hyperlora.tuner.model import default_target_modules
 
 
@@ -124,10 +126,8 @@ def _fit(model, heads, params, loader, loss_fn, setup: Setup, penalty=None) -> N
         [{"params": params, "lr": setup.lr}, {"params": head_params, "lr": setup.head_lr}], weight_decay=0.0, fused=True
     )
     total = setup.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
-    _train_mode(model)
+    scheduler = cosine_schedule(optimizer, total)
+    train_mode(model)
     for _ in range(setup.epochs):
         for batch in loader:
             pixel_values, labels, *task_ids = (t.to(setup.device) for t in batch)
@@ -169,13 +169,6 @@ class OnlineEWC:
                 f += p.grad.detach() ** 2 / len(loader)
         model.zero_grad()
         self.anchors = [p.detach().clone() for p in self.params]
-
-
-def _train_mode(model: nn.Module) -> None:
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from accelerate import Accelerator
 from peak_memory import describe, peak_increase
 from peft import get_peft_model
 from torch import nn
@@ -43,9 +43,11 @@ from hyperlora.cli import parse
 from hyperlora.demo import DEFAULTS, QuickstartArguments, build_backbone
 from hyperlora.evaluation.baselines import FrozenBaselines
 from hyperlora.files import atomic_write_json, atomic_write_text
-from hyperlora.method.embedding import fit_h_embedding, target_distances
-from hyperlora.method.losses import GuidanceDecoder, guidance_loss, output_regulariser
-from hyperlora.method.transferability import H_SCORE_FEATURES, old_task_features, transferability
+from hyperlora.method.embedding import guided_embedding
+from hyperlora.method.transferability import H_SCORE_FEATURES
+from hyperlora.optim import cosine_schedule
+from hyperlora.trainer import ContinualTrainingArguments
+from hyperlora.training.step import TaskStep, create_optimizer, train_mode, training_step
 
 CLASSES = 4  # per task, as in the structured sequence
 
@@ -68,42 +70,24 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
     model = get_peft_model(backbone, config)
     for _ in range(num_tasks):
         model.add_task()
-    tuner, hypernet = model.base_model, model.base_model.hypernet
+    hypernet = model.base_model.hypernet
     t = num_tasks - 1
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.per_device_train_batch_size, 3, size, size, generator=g)
     y = torch.randint(0, CLASSES, (args.per_device_train_batch_size,), generator=g)
     width = feature_dim(model, size)
-    head = nn.Linear(width, CLASSES)
-    decoder = GuidanceDecoder(config.hypernet_hidden_dim, config.task_embedding_dim, config.decoder_hidden_dim)
-    h_target = torch.randn(config.task_embedding_dim)
 
-    with torch.no_grad():
-        recorded = tuner.generate(list(range(t))) if t else None
-    targets = ([a.clone() for a in recorded.A], [b.clone() for b in recorded.B]) if recorded else None
-    bases = hypernet.head_bases(range(t)) if t else None
-    outputs = hypernet.protected_outputs(bases) if t else None
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters()) + list(decoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    sampler = torch.Generator().manual_seed(1)
+    # the trainer's own step: regulariser, guidance and head projection included
+    accelerator = Accelerator(cpu=True)
+    task_step = TaskStep(model, nn.Linear(width, CLASSES), t, config, torch.randn(config.task_embedding_dim))
+    training = ContinualTrainingArguments(learning_rate=1e-4)
+    optimizer = create_optimizer(task_step, training)
+    step_module, optimizer, scheduler = accelerator.prepare(task_step, optimizer, cosine_schedule(optimizer, 10**6))
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        reg_tasks = torch.randperm(t, generator=sampler)[: config.reg_max_tasks].tolist() if t else []
-        out = tuner.generate([*reg_tasks, t])
-        with tuner.use_generated(out, [*reg_tasks, t]):
-            loss = F.cross_entropy(head(model(x)), y)
-        if reg_tasks:
-            loss = loss + config.beta_reg * output_regulariser(out, reg_tasks, *targets)
-        loss = loss + guidance_loss(decoder, out.hidden[-1:], h_target)
-        loss.backward()
-        if bases is not None:
-            hypernet.project_gradients(bases)
-        optimizer.step()
-        if bases is not None:
-            hypernet.protect(bases, outputs)
+        training_step(accelerator, step_module, optimizer, scheduler, x, y, training.max_grad_norm)
 
-    model.train()
+    train_mode(model)
     memory = peak_increase(step, args.warmup, "cpu")  # the warm-up steps, measured
     times = []
     for _ in range(args.repeats):
@@ -111,7 +95,7 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
         step()
         times.append(time.perf_counter() - start)
 
-    # the H-embedding of task t, as ContinualTrainer._h_embedding computes it
+    # the H-embedding of task t, as the trainer computes it
     model.eval()
     images = torch.randn(args.samples, 3, size, size, generator=g)
     labels = torch.arange(args.samples) % CLASSES
@@ -132,11 +116,8 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     if t:
-        old = old_task_features(config.h_score_features, t, features_of, heads=heads, router=baselines.lda)
-        scores = transferability(old, labels, resamples=config.h_score_resamples)
         embeddings = hypernet.stacked_task_embeddings().detach()[:t].numpy()
-        distances = target_distances(scores.scores, embeddings, resampled=scores.resampled).distances
-        fit_h_embedding(embeddings, distances, steps=config.h_embedding_steps, seed=0)
+        guided_embedding(embeddings, features_of, labels, config, heads=heads, router=baselines.lda)
     h_embedding_s = time.perf_counter() - start
     train_s = steps_per_task(args) * statistics.median(times)
 
@@ -151,8 +132,11 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
         "h_embedding_s": h_embedding_s,
         "h_embedding_share": h_embedding_s / train_s,
         "old_task_state_bytes": tensor_bytes(hypernet.task_embeddings)
-        + (tensor_bytes([*targets[0], *targets[1], *bases.values(), *outputs.values()]) if targets else 0),
-        "stored_bytes": shared + tensor_bytes(hypernet.task_embeddings) + num_tasks * tensor_bytes(head.parameters()),
+        + (tensor_bytes([*task_step.reg_targets[0], *task_step.reg_targets[1]]) if t else 0)
+        + (tensor_bytes([*task_step.bases.values(), *task_step.protected.values()]) if t else 0),
+        "stored_bytes": shared
+        + tensor_bytes(hypernet.task_embeddings)
+        + num_tasks * tensor_bytes(task_step.head.parameters()),
     }
 
 

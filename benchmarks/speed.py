@@ -31,8 +31,9 @@ from peak_memory import describe, peak_increase
 from torch import nn
 
 from hyperlora import cli
+from hyperlora.tuner.model import TIMM_VIT_TARGETS
 
-TARGET_MODULES = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+TARGET_MODULES = TIMM_VIT_TARGETS
 NUM_CLASSES = 10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_GPU_NOTE = "This run is on the CPU: the ViT-B/16 224 px bf16 table is measured on a GPU (speed_gpu.md beside it)"

@@ -26,11 +26,13 @@ from conftest import BN_CNN_TARGETS, build_bn_cnn
 from test_trainer import arguments, config, make_task, tiny_vit
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import hyperlora.training.trainer as trainer_module
+import hyperlora.method.embedding as embedding_module
+import hyperlora.training.checkpointing as checkpointing_module
 from hyperlora.data import Task
 from hyperlora.files import latest_checkpoint
 from hyperlora.method.transferability import h_score
 from hyperlora.trainer import ContinualTrainer
+from hyperlora.training.step import TaskStep
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -88,7 +90,7 @@ def _install_kill(point: str) -> None:
 
         register_optimizer_step_pre_hook(before_step)
     elif point == "checkpoint":  # task 1's checkpoint: adapter written, heads.safetensors half written
-        real_save_file = trainer_module.save_file
+        real_save_file = checkpointing_module.save_file
 
         def save_file(tensors, filename, metadata=None):
             path = Path(filename)
@@ -101,9 +103,9 @@ def _install_kill(point: str) -> None:
                 _die()
             return real_save_file(tensors, filename, metadata=metadata)
 
-        trainer_module.save_file = save_file
+        checkpointing_module.save_file = save_file
     elif point == "h_embedding":  # task 2, right after its H-scores, before the embedding fit
-        real_transferability = trainer_module.transferability
+        real_transferability = embedding_module.transferability
 
         def transferability_then_die(*args, **kwargs):
             scores = real_transferability(*args, **kwargs)
@@ -111,7 +113,7 @@ def _install_kill(point: str) -> None:
                 _die()
             return scores
 
-        trainer_module.transferability = transferability_then_die
+        embedding_module.transferability = transferability_then_die
     elif point != "none":
         raise ValueError(point)
 
@@ -302,7 +304,7 @@ def test_nan_loss_names_the_task_keeps_the_last_checkpoint_and_resume_recovers(t
 def test_a_gradient_spike_reaches_the_optimizer_clipped_to_max_grad_norm(tmp_path, tasks, monkeypatch, max_grad_norm):
     """A finite 1e8 loss spike at step 2: the optimizer sees a gradient of norm <= max_grad_norm (and of ~1e8 with
     clipping off); training carries on and stays finite."""
-    real_forward = trainer_module._TaskStep.forward
+    real_forward = TaskStep.forward
     calls, norms = [], []
 
     def spiking_forward(self, *args, **kwargs):
@@ -315,7 +317,7 @@ def test_a_gradient_spike_reaches_the_optimizer_clipped_to_max_grad_norm(tmp_pat
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
 
-    monkeypatch.setattr(trainer_module._TaskStep, "forward", spiking_forward)
+    monkeypatch.setattr(TaskStep, "forward", spiking_forward)
     handle = register_optimizer_step_pre_hook(before_step)
     try:
         results = ContinualTrainer(tiny_vit(), config(), arguments(tmp_path, max_grad_norm=max_grad_norm)).fit(

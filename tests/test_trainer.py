@@ -17,7 +17,7 @@ from PIL import Image as PILImage
 from hyperlora import HyperLoraConfig
 from hyperlora.data import Task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
-from hyperlora.training.trainer import tracker_config
+from hyperlora.training.reporting import tracker_config
 
 
 def _images(rng: np.random.Generator, label: int, count: int, size: int = 16) -> list[PILImage.Image]:
@@ -172,7 +172,7 @@ def test_frozen_baselines_match_scikit_learn_and_numpy_on_the_same_features(tmp_
 
 def test_unaugmented_splits_are_decoded_once_and_the_cache_changes_no_result(tmp_path, tasks, monkeypatch):
     from hyperlora.data import tasks as data
-    from hyperlora.training import trainer
+    from hyperlora.training import features
 
     calls = []
     transform = data.ImageSpec.transform
@@ -186,7 +186,7 @@ def test_unaugmented_splits_are_decoded_once_and_the_cache_changes_no_result(tmp
     decoded_once = len(calls)
     # every image of every split, once: (12 + 6) per class, 2 classes, 3 tasks
     assert decoded_once == 3 * 2 * (12 + 6)
-    monkeypatch.setattr(trainer, "IMAGE_CACHE_BYTES", 0)
+    monkeypatch.setattr(features, "IMAGE_CACHE_BYTES", 0)
     calls.clear()
     uncached = run(tmp_path / "uncached", tasks, num_train_epochs=3, max_steps_per_task=None)
     assert len(calls) > 3 * decoded_once
@@ -211,14 +211,16 @@ def test_same_seed_same_results_and_resume_matches_uninterrupted(tmp_path, tasks
     reference = run(tmp_path / "a", tasks)
     assert run(tmp_path / "b", tasks)["accuracy_matrix"] == reference["accuracy_matrix"]
 
-    real_checkpoint = ContinualTrainer._checkpoint
+    from hyperlora.training import trainer as trainer_module
 
-    def interrupt_after_second_task(self, tasks_, state):
-        real_checkpoint(self, tasks_, state)
-        if state["completed"] == 2:
+    real_checkpoint = trainer_module.save_checkpoint
+
+    def interrupt_after_second_task(output_dir, state, *artifacts):
+        real_checkpoint(output_dir, state, *artifacts)
+        if state.completed == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ContinualTrainer, "_checkpoint", interrupt_after_second_task)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", interrupt_after_second_task)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "c", tasks)
     monkeypatch.undo()

@@ -1,15 +1,21 @@
-"""From H-scores to a task embedding: AHP priorities, target distances, and the embedding that fits them."""
+"""From H-scores to a task embedding: AHP priorities, target distances, the embedding that fits them, and the whole
+stage that runs before a task trains (``guided_embedding``)."""
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, get_args
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from torch import nn
 
-NORMALISATIONS = ("ahp", "minmax", "none")
+from ..optim import cosine_schedule
+from ..tuner.config import HyperLoraConfig, Normalisation
+from .transferability import old_task_features, transferability
+
+NORMALISATIONS = get_args(Normalisation)
 
 # Saaty's random consistency index for n = 1..15 (mean consistency index of random reciprocal matrices).
 _RANDOM_INDEX = (0.0, 0.0, 0.58, 0.90, 1.12, 1.24, 1.32, 1.41, 1.45, 1.49, 1.51, 1.48, 1.56, 1.57, 1.59)
@@ -187,7 +193,7 @@ def fit_h_embedding(
         log_gamma = torch.log((torch.cdist(e, E) * D).sum(1) / (D * D).sum()) if learn_gamma else torch.zeros(len(e))
     e, log_gamma = e.requires_grad_(), log_gamma.to(torch.float64).requires_grad_(learn_gamma)
     optimizer = torch.optim.Adam([e, log_gamma] if learn_gamma else [e], lr=lr * spread)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    schedule = cosine_schedule(optimizer, steps)
 
     def losses() -> torch.Tensor:
         target = log_gamma.exp()[:, None] * D
@@ -207,3 +213,40 @@ def fit_h_embedding(
         fitted = torch.linalg.vector_norm(embedding - E, dim=1).numpy()
     rank = float(spearmanr(fitted, d).statistic) if d.size >= 2 and np.ptp(d) > 0 else None
     return HEmbedding(embedding.float(), float(log_gamma.detach()[best].exp()), rank)
+
+
+class GuidedEmbedding(NamedTuple):
+    scores: np.ndarray  # every old task's transferability to the new task, in [0, 1]
+    embedding: torch.Tensor | None  # the H-embedding; None without guidance (normalisation "none")
+    gamma: float | None
+    consistency_ratio: float | None
+    rank_correlation: float | None
+
+
+def guided_embedding(
+    old_embeddings: np.ndarray,
+    features_of: Callable[[int | None], torch.Tensor],
+    labels: torch.Tensor,
+    config: HyperLoraConfig,
+    *,
+    seed: int = 0,
+    heads: Sequence[nn.Module] | None = None,
+    router=None,
+) -> GuidedEmbedding:
+    """The stage before a new task trains: the old tasks' transferability to it (``features_of`` and ``labels`` are
+    its sampled images, as ``old_task_features`` reads them), the target distances, and the fitted H-embedding."""
+    old_features = old_task_features(
+        config.h_score_features, len(old_embeddings), features_of, heads=heads, router=router
+    )
+    scores = transferability(
+        old_features, labels, shrinkage=config.h_score_shrinkage, resamples=config.h_score_resamples, seed=seed
+    )
+    targets = target_distances(
+        scores.scores, old_embeddings, normalisation=config.normalisation, resampled=scores.resampled
+    )
+    if targets is None:
+        return GuidedEmbedding(scores.scores, None, None, None, None)
+    fitted = fit_h_embedding(old_embeddings, targets.distances, steps=config.h_embedding_steps, seed=seed)
+    return GuidedEmbedding(
+        scores.scores, fitted.embedding, fitted.gamma, targets.consistency_ratio, fitted.rank_correlation
+    )

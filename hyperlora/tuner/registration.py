@@ -26,13 +26,19 @@ from .model import HyperLoraModel
 
 
 def register() -> None:
+    # peft looks a type up in these three tables only; register_peft_method would refuse a type outside its enum
     PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = HyperLoraConfig
     PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = HyperLoraModel
     PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = HyperLoraModel.prefix
-    if not hasattr(PeftModel.create_or_update_model_card, "__wrapped__"):  # once, even if hyperlora is reloaded
-        PeftModel.create_or_update_model_card = _card_on_save(PeftModel.create_or_update_model_card)
-        PeftModel._upload_modified_files = _card_on_push(PeftModel._upload_modified_files)
-        PeftConfigMixin.from_json_file = classmethod(_named_json_errors(PeftConfigMixin.from_json_file.__func__))
+    if hasattr(PeftModel.create_or_update_model_card, "__wrapped__"):  # once, even if hyperlora is reloaded
+        return
+    # A saved adapter loads only in a process that imported hyperlora, so its card must say so; PeftModel writes
+    # the card itself, with no hook for its tuner, in these two methods (save_pretrained and push_to_hub).
+    PeftModel.create_or_update_model_card = _card_on_save(PeftModel.create_or_update_model_card)
+    PeftModel._upload_modified_files = _card_on_push(PeftModel._upload_modified_files)
+    # PeftModel.from_pretrained reads adapter_config.json here before it knows the type, so no tuner code runs
+    # before a corrupt file fails: only this wrapper can name the file (the error type is unchanged for every type).
+    PeftConfigMixin.from_json_file = classmethod(_named_json_errors(PeftConfigMixin.from_json_file.__func__))
 
 
 def _named_json_errors(from_json_file):

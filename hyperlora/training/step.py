@@ -1,0 +1,147 @@
+"""One training step of a task: the loss of ALGORITHM.md (cross-entropy + output regulariser + embedding guidance),
+the optimizer over what the task trains, and the update with the hypernetwork heads' projection around it.
+
+Public so that benchmarks time the step the trainer takes, not a copy of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from peft import PeftModel
+from torch import nn
+
+from ..data import pooled_features
+from ..method.losses import GuidanceDecoder, guidance_loss, guidance_weight, output_regulariser
+from ..tuner import HyperLoraConfig
+from .arguments import ContinualTrainingArguments
+
+
+def train_mode(model: nn.Module) -> None:
+    """Train mode, except that batch-norm layers keep using (and not updating) their running statistics: the
+    backbone is frozen, statistics included, or old tasks and the router would drift."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+class TaskStep(nn.Module):
+    """Everything one training step of task ``t`` computes, in one module so that DDP sees a single forward.
+
+    Built when task t starts: it records the old tasks' generated weights (the regulariser's targets) and the
+    directions of the hypernetwork heads that produce them (the projection's), and a fresh guidance decoder when the
+    task has an H-embedding to be guided by.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        head: nn.Linear,
+        t: int,
+        config: HyperLoraConfig,
+        h_embedding: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model, self.head, self.t, self.config = model, head, t, config
+        tuner = model.base_model
+        self.reg_targets = None  # (A*, B*) per module
+        if t > 0 and config.beta_reg > 0:
+            with torch.no_grad():
+                recorded = tuner.generate(list(range(t)))
+            self.reg_targets = ([a.detach().clone() for a in recorded.A], [b.detach().clone() for b in recorded.B])
+        self.beta_emb = guidance_weight(t, config.beta_emb_slope)
+        self.decoder = self.h_embedding = None
+        if h_embedding is not None and self.beta_emb > 0:
+            self.decoder = GuidanceDecoder(
+                config.hypernet_hidden_dim, config.task_embedding_dim, config.decoder_hidden_dim
+            )
+            self.decoder.to(head.weight.device)
+            self.h_embedding = h_embedding.to(head.weight.device)
+        self.bases = self.protected = None
+        if t > 0 and config.head_projection:
+            self.bases = tuner.hypernet.head_bases(range(t))
+            self.protected = tuner.hypernet.protected_outputs(self.bases)
+        self.reg_generator = torch.Generator().manual_seed(seed + 7919 * (t + 1))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss, and its parts (detached) for the logs."""
+        reg_tasks = []
+        if self.reg_targets is not None:  # a subset, so that the cost does not grow with the number of tasks
+            reg_tasks = torch.randperm(self.t, generator=self.reg_generator)[: self.config.reg_max_tasks].tolist()
+        # one hypernetwork pass serves the forward (task t, last row) and the losses (the sampled old tasks)
+        tasks = [*reg_tasks, self.t]
+        tuner = self.model.base_model
+        out = tuner.generate(tasks)
+        with tuner.use_generated(out, tasks):
+            logits = self.head(pooled_features(self.model(pixel_values)))
+        ce = F.cross_entropy(logits.float(), labels)
+        losses = {"ce": ce}
+        if reg_tasks:
+            losses["reg"] = output_regulariser(out, reg_tasks, *self.reg_targets)
+        if self.decoder is not None:
+            losses["emb"] = guidance_loss(self.decoder, out.hidden[-1:].float(), self.h_embedding)
+        loss = ce + self.config.beta_reg * losses.get("reg", 0.0) + self.beta_emb * losses.get("emb", 0.0)
+        return loss, {k: v.detach() for k, v in losses.items()}
+
+    def project_gradients(self) -> None:
+        """Before the optimizer's step: no update is spent on the directions that would move old tasks' weights."""
+        if self.bases is not None:
+            self.model.base_model.hypernet.project_gradients(self.bases)
+
+    def protect(self) -> None:
+        """After it: the old tasks' generated weights are exactly what they were (Adam scales each weight's step on
+        its own, which takes a projected gradient's update out of the projection)."""
+        if self.bases is not None:
+            self.model.base_model.hypernet.protect(self.bases, self.protected)
+
+
+def create_optimizer(step: TaskStep, args: ContinualTrainingArguments) -> torch.optim.AdamW:
+    """AdamW over the hypernetwork (but old task embeddings), the new task's embedding, its head and the decoder,
+    each group at its own learning rate."""
+    hypernet = step.model.base_model.hypernet
+    embedding = hypernet.task_embeddings[step.t]
+    groups = [
+        {
+            "params": [p for p in hypernet.parameters() if p.requires_grad and p is not embedding],
+            "lr": args.learning_rate,
+        },
+        {"params": [embedding], "lr": args.embedding_learning_rate or args.learning_rate},
+        {"params": list(step.head.parameters()), "lr": args.head_learning_rate},
+    ]
+    if step.decoder is not None:
+        groups.append({"params": list(step.decoder.parameters()), "lr": args.learning_rate})
+    # fused: one kernel over all parameters, which matters for the hypernet's few large head matrices
+    fused = step.head.weight.device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=fused)
+
+
+def training_step(
+    accelerator: Accelerator,
+    step: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    max_grad_norm: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch of a prepared ``TaskStep``: forward, backward, and (when gradients sync) the projected,
+    clipped optimizer step. Raises FloatingPointError on a non-finite loss, before it touches any weight."""
+    task_step = accelerator.unwrap_model(step)
+    with accelerator.accumulate(step):
+        loss, parts = step(pixel_values, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()}")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            task_step.project_gradients()
+            if max_grad_norm:
+                accelerator.clip_grad_norm_(step.parameters(), max_grad_norm)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            task_step.protect()
+        scheduler.step()
+        optimizer.zero_grad()
+    return loss, parts
