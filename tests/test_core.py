@@ -179,7 +179,7 @@ def test_config_defaults_and_scaling():
     assert config.peft_type == "HYPERLORA"
     assert config.target_modules == {"a", "b"}
     assert (config.r, config.task_embedding_dim, config.module_embedding_dim) == (8, 32, 32)
-    assert (config.hypernet_hidden_dim, config.hypernet_num_layers) == (256, 2)
+    assert (config.hypernet_hidden_dim, config.hypernet_num_layers) == (64, 2)
     assert HyperLoraConfig(r=4, lora_alpha=6).scaling == 1.5
 
 
@@ -699,56 +699,66 @@ def _trained_hypernet(shapes: list[tuple[int, int]]) -> HyperNetwork:
     return net
 
 
-def test_projected_gradients_give_the_new_task_a_larger_first_adam_step_and_old_tasks_none():
+def _new_task_loss(net: HyperNetwork, directions: list[torch.Tensor]) -> torch.Tensor:
+    """Linear in the heads' weights: one optimizer step's change in it is exactly first order."""
+    out = net(net.stacked_task_embeddings([2]))
+    return sum((w * d).sum() for w, d in zip((*out.A, *out.B), directions, strict=True))
+
+
+def test_protected_heads_train_only_free_directions_whose_adam_step_does_more_for_the_new_task():
     net = _trained_hypernet([(12, 8), (8, 12)])
-    bases = net.head_bases([0, 1])
     generated = net(net.stacked_task_embeddings([2]))
     directions = [torch.randn_like(w) for w in (*generated.A, *generated.B)]
-
-    def new_task_loss() -> torch.Tensor:  # linear in the heads' weights: one step's change is exactly first order
-        out = net(net.stacked_task_embeddings([2]))
-        return sum((w * d).sum() for w, d in zip((*out.A, *out.B), directions, strict=True))
-
     start = {key: head.weight.detach().clone() for key, head in net.heads.items()}
-    before, old = new_task_loss().item(), net(net.stacked_task_embeddings([0, 1]))
-    decrease = {}
-    for project in (False, True):
-        with torch.no_grad():
-            for key, head in net.heads.items():
-                head.weight.copy_(start[key])
-        outputs = net.protected_outputs(bases)
-        optimizer = torch.optim.Adam([head.weight for head in net.heads.values()], lr=1e-3)
-        optimizer.zero_grad()
-        new_task_loss().backward()
-        if project:
-            net.project_gradients(bases)
-            for key, head in net.heads.items():  # against numpy: no gradient left along the protected directions
-                U = bases[key].numpy().astype(np.float64)
-                assert np.abs(head.weight.grad.numpy().astype(np.float64) @ U).max() < 1e-5
-        optimizer.step()
-        net.protect(bases, outputs)
-        after = net(net.stacked_task_embeddings([0, 1]))
-        for m in range(2):
-            torch.testing.assert_close(after.A[m], old.A[m], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(after.B[m], old.B[m], rtol=1e-4, atol=1e-5)
-        with torch.no_grad():
-            decrease[project] = before - new_task_loss().item()
-    # Adam moves each weight by about lr: spent only on the free directions, the step does more for the new task
-    assert decrease[True] > 1.2 * decrease[False] > 0
+    before = _new_task_loss(net, directions).item()
+    bases = net.head_bases([0, 1])
+
+    # what the optimizer used to do: Adam on W, then undo the protected part, W <- W - (W U - C) U^T
+    optimizer = torch.optim.Adam([head.weight for head in net.heads.values()], lr=1e-3)
+    _new_task_loss(net, directions).backward()
+    gradients = {key: head.weight.grad.detach().double().numpy() for key, head in net.heads.items()}
+    optimizer.step()
+    with torch.no_grad():
+        for key, head in net.heads.items():
+            U = bases[key][0]
+            head.weight.sub_((head.weight - start[key]) @ U @ U.t())
+        step_then_undo = before - _new_task_loss(net, directions).item()
+        for key, head in net.heads.items():
+            head.weight.copy_(start[key])
+
+    net.protect_tasks([0, 1])
+    assert not any(head.weight.requires_grad for head in net.heads.values())
+    optimizer = torch.optim.Adam(list(net.free.values()), lr=1e-3)
+    _new_task_loss(net, directions).backward()
+    for key, free in net.free.items():  # against numpy: the free part's gradient is W's, in the free directions
+        Q = bases[key][1].double().numpy()
+        np.testing.assert_allclose(free.grad.double().numpy(), gradients[key] @ Q, rtol=1e-4, atol=1e-6)
+    optimizer.step()
+    with torch.no_grad():
+        free_step = before - _new_task_loss(net, directions).item()
+    # Adam moves each trained coordinate by about lr: spent only on free directions, it does more for the new task
+    assert free_step > 1.2 * step_then_undo > 0
 
 
-def test_head_projection_leaves_protected_tasks_generated_weights_as_they_were():
+def test_protected_tasks_generated_weights_stay_exact_and_release_folds_the_free_part_back():
     net = _trained_hypernet([(12, 8), (8, 12), (12, 8)])
     bases = net.head_bases([0, 1])
-    assert {key: U.shape for key, U in bases.items()} == {"12x8": (16, 4), "8x12": (16, 2)}  # 2 tasks x members
-    outputs = net.protected_outputs(bases)
+    shapes = {key: (U.shape, Q.shape) for key, (U, Q) in bases.items()}
+    assert shapes == {"12x8": ((16, 4), (16, 12)), "8x12": ((16, 2), (16, 14))}  # 2 tasks x members, the rest
     before = net(net.stacked_task_embeddings())
-    with torch.no_grad():  # an optimizer step that knows nothing about the old tasks
-        for head in net.heads.values():
-            head.weight.add_(torch.randn_like(head.weight))
-    net.protect(bases, outputs)
-    after = net(net.stacked_task_embeddings())
+    net.protect_tasks([0, 1])
+    with torch.no_grad():
+        protected = net(net.stacked_task_embeddings())
+        for free in net.free.values():  # an optimizer step that knows nothing about the old tasks
+            free.add_(torch.randn_like(free))
+        after = net(net.stacked_task_embeddings())
     for m in range(3):
+        torch.testing.assert_close(protected.A[m], before.A[m], rtol=1e-4, atol=1e-5)  # the same weights, held apart
         for old, new in ((before.A[m], after.A[m]), (before.B[m], after.B[m])):
             torch.testing.assert_close(new[:2], old[:2], rtol=1e-4, atol=1e-5)  # tasks 0 and 1: untouched
             assert (new[2] - old[2]).abs().max() > 1e-2  # task 2 is free to learn
+    net.release_tasks()
+    assert len(net.free) == 0 and all(head.weight.requires_grad for head in net.heads.values())
+    released = net(net.stacked_task_embeddings())
+    for m in range(3):
+        torch.testing.assert_close(released.B[m], after.B[m], rtol=1e-4, atol=1e-5)

@@ -7,24 +7,28 @@ import pytest
 import torch
 
 from hyperlora.method.losses import GuidanceDecoder, guidance_loss, guidance_weight, output_regulariser
-from hyperlora.tuner.hypernet import HypernetOutput
+from hyperlora.tuner.hypernet import HyperNetwork
 
 
-def test_output_regulariser_is_the_mean_over_sampled_tasks_of_squared_distances():
-    rng = np.random.default_rng(0)
-    shapes = [((3, 2, 5), (3, 4, 2)), ((3, 2, 6), (3, 6, 2))]  # 3 old tasks; (A*, B*) per module
-    targets_A = [torch.tensor(rng.normal(size=a)) for a, _ in shapes]
-    targets_B = [torch.tensor(rng.normal(size=b)) for _, b in shapes]
+def test_output_regulariser_is_the_mean_over_sampled_tasks_of_squared_distances_of_every_modules_factors():
+    """Computed per shape group on the heads' outputs; checked against numpy over every module's A and B."""
+    torch.manual_seed(0)
+    hypernet = HyperNetwork(
+        [(4, 5), (6, 6), (4, 5)], r=2, task_embedding_dim=3, module_embedding_dim=3, hidden_dim=8, num_layers=1
+    )
+    for head in hypernet.heads.values():  # B starts at zero: give it something to compare
+        torch.nn.init.normal_(head.weight)
+    old = hypernet(torch.randn(3, 3))  # 3 old tasks, recorded
     rows = [2, 0]
-    current_A = [torch.tensor(rng.normal(size=(len(rows) + 1, *a[1:]))) for a, _ in shapes]  # + the current task
-    current_B = [torch.tensor(rng.normal(size=(len(rows) + 1, *b[1:]))) for _, b in shapes]
-    out = HypernetOutput(torch.zeros(3, 2, 4), current_A, current_B)
+    current = hypernet(torch.randn(len(rows) + 1, 3))  # the sampled old tasks' rows, then the current task
     expected = 0.0
     for k, task in enumerate(rows):
-        for m in range(2):
-            expected += ((current_A[m][k].numpy() - targets_A[m][task].numpy()) ** 2).sum()
-            expected += ((current_B[m][k].numpy() - targets_B[m][task].numpy()) ** 2).sum()
-    assert output_regulariser(out, rows, targets_A, targets_B).item() == pytest.approx(expected / len(rows))
+        for m in range(3):
+            for now, then in ((current.A[m], old.A[m]), (current.B[m], old.B[m])):
+                expected += ((now[k].detach().numpy() - then[task].detach().numpy()) ** 2).sum()
+    regulariser = output_regulariser(current, rows, old.flat)
+    assert regulariser.item() == pytest.approx(expected / len(rows), rel=1e-5)
+    assert regulariser.item() > 0
 
 
 def test_guidance_loss_is_one_minus_cosine_of_the_decoded_mean_hidden():

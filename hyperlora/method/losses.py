@@ -9,19 +9,18 @@ from torch import nn
 from ..tuner.hypernet import HypernetOutput
 
 
-def output_regulariser(
-    current: HypernetOutput, rows: list[int], targets_A: list[torch.Tensor], targets_B: list[torch.Tensor]
-) -> torch.Tensor:
+def output_regulariser(current: HypernetOutput, rows: list[int], targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over the sampled old tasks of sum_m ||A_m(e_i) - A*_{i,m}||^2 + ||B_m(e_i) - B*_{i,m}||^2.
 
-    ``current`` holds the hypernet's outputs for the sampled tasks, ``rows`` their positions in the recorded
-    targets (``targets_A[m]`` is (T_old, r, in_m), recorded from the frozen hypernet before the task started).
+    ``current`` holds the hypernet's outputs for the sampled tasks (its first rows), ``rows`` their positions in the
+    recorded targets (``targets[key]`` is the shape group's ``flat`` output for every old task, recorded from the
+    frozen hypernet before the task started). Computed per shape group on the heads' outputs, where A's fixed part
+    cancels: a few operations per group, whatever the number of modules.
     """
-    index = torch.as_tensor(rows, device=current.A[0].device)
-    total = current.A[0].new_zeros(())
-    for A, B, A_star, B_star in zip(current.A, current.B, targets_A, targets_B, strict=True):
-        total = total + (A[: len(rows)] - A_star.index_select(0, index)).pow(2).sum()
-        total = total + (B[: len(rows)] - B_star.index_select(0, index)).pow(2).sum()
+    index = torch.as_tensor(rows, device=current.hidden.device)
+    total = sum(
+        (current.flat[key][: len(rows)] - target.index_select(0, index)).pow(2).sum() for key, target in targets.items()
+    )
     return total / len(rows)
 
 

@@ -1,5 +1,5 @@
 """One training step of a task: the loss of ALGORITHM.md (cross-entropy + output regulariser + embedding guidance),
-the optimizer over what the task trains, and the update with the hypernetwork heads' projection around it.
+the optimizer over what the task trains, and the clipped update.
 
 Public so that benchmarks time the step the trainer takes, not a copy of it.
 """
@@ -30,9 +30,9 @@ def train_mode(model: nn.Module) -> None:
 class TaskStep(nn.Module):
     """Everything one training step of task ``t`` computes, in one module so that DDP sees a single forward.
 
-    Built when task t starts: it records the old tasks' generated weights (the regulariser's targets) and the
-    directions of the hypernetwork heads that produce them (the projection's), and a fresh guidance decoder when the
-    task has an H-embedding to be guided by.
+    Built when task t starts: it records the old tasks' generated weights (the regulariser's targets), protects the
+    hypernetwork heads' directions that produce them (``HyperNetwork.protect_tasks``; ``release`` ends it), and
+    makes a fresh guidance decoder when the task has an H-embedding to be guided by.
     """
 
     def __init__(
@@ -47,11 +47,10 @@ class TaskStep(nn.Module):
         super().__init__()
         self.model, self.head, self.t, self.config = model, head, t, config
         tuner = model.base_model
-        self.reg_targets = None  # (A*, B*) per module
+        self.reg_targets = None  # the old tasks' generated factors, per shape group
         if t > 0 and config.beta_reg > 0:
             with torch.no_grad():
-                recorded = tuner.generate(list(range(t)))
-            self.reg_targets = ([a.detach().clone() for a in recorded.A], [b.detach().clone() for b in recorded.B])
+                self.reg_targets = dict(tuner.generate(list(range(t))).flat)
         self.beta_emb = guidance_weight(t, config.beta_emb_slope)
         self.decoder = self.h_embedding = None
         if h_embedding is not None and self.beta_emb > 0:
@@ -60,10 +59,8 @@ class TaskStep(nn.Module):
             )
             self.decoder.to(head.weight.device)
             self.h_embedding = h_embedding.to(head.weight.device)
-        self.bases = self.protected = None
-        if t > 0 and config.head_projection:
-            self.bases = tuner.hypernet.head_bases(range(t))
-            self.protected = tuner.hypernet.protected_outputs(self.bases)
+        if t > 0 and config.head_projection:  # the heads train only where the old tasks' activations are not
+            tuner.hypernet.protect_tasks(range(t))
         self.reg_generator = torch.Generator().manual_seed(seed + 7919 * (t + 1))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -80,22 +77,15 @@ class TaskStep(nn.Module):
         ce = F.cross_entropy(logits.float(), labels)
         losses = {"ce": ce}
         if reg_tasks:
-            losses["reg"] = output_regulariser(out, reg_tasks, *self.reg_targets)
+            losses["reg"] = output_regulariser(out, reg_tasks, self.reg_targets)
         if self.decoder is not None:
             losses["emb"] = guidance_loss(self.decoder, out.hidden[-1:].float(), self.h_embedding)
         loss = ce + self.config.beta_reg * losses.get("reg", 0.0) + self.beta_emb * losses.get("emb", 0.0)
         return loss, {k: v.detach() for k, v in losses.items()}
 
-    def project_gradients(self) -> None:
-        """Before the optimizer's step: no update is spent on the directions that would move old tasks' weights."""
-        if self.bases is not None:
-            self.model.base_model.hypernet.project_gradients(self.bases)
-
-    def protect(self) -> None:
-        """After it: the old tasks' generated weights are exactly what they were (Adam scales each weight's step on
-        its own, which takes a projected gradient's update out of the projection)."""
-        if self.bases is not None:
-            self.model.base_model.hypernet.protect(self.bases, self.protected)
+    def release(self) -> None:
+        """The task is trained: its heads' free parts go back into their weights."""
+        self.model.base_model.hypernet.release_tasks()
 
 
 def create_optimizer(step: TaskStep, args: ContinualTrainingArguments) -> torch.optim.AdamW:
@@ -127,21 +117,16 @@ def training_step(
     labels: torch.Tensor,
     max_grad_norm: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch of a prepared ``TaskStep``: forward, backward, and (when gradients sync) the projected,
-    clipped optimizer step. Raises FloatingPointError on a non-finite loss, before it touches any weight."""
-    task_step = accelerator.unwrap_model(step)
+    """One micro-batch of a prepared ``TaskStep``: forward, backward, and (when gradients sync) the clipped optimizer
+    step. Raises FloatingPointError on a non-finite loss, before it touches any weight."""
     with accelerator.accumulate(step):
         loss, parts = step(pixel_values, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss.item()}")
         accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            task_step.project_gradients()
-            if max_grad_norm:
-                accelerator.clip_grad_norm_(step.parameters(), max_grad_norm)
+        if accelerator.sync_gradients and max_grad_norm:
+            accelerator.clip_grad_norm_(step.parameters(), max_grad_norm)
         optimizer.step()
-        if accelerator.sync_gradients:
-            task_step.protect()
         scheduler.step()
         optimizer.zero_grad()
     return loss, parts

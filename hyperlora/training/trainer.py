@@ -32,6 +32,7 @@ from ..method.router import GaussianRouter
 from ..optim import cosine_schedule
 from ..tuner import HyperLoraConfig
 from .arguments import ContinualTrainingArguments
+from .callbacks import TrainerCallback
 from .checkpointing import check_resume, load_checkpoint, save_checkpoint
 from .evaluation import Evaluator
 from .features import FeatureReader
@@ -42,15 +43,18 @@ from .step import TaskStep, create_optimizer, train_mode, training_step
 
 
 class ContinualTrainer:
-    """Train a HyperLoRA model on tasks one after another; see ``fit``."""
+    """Train a HyperLoRA model on tasks one after another; see ``fit``. ``callbacks`` run between tasks
+    (``TrainerCallback``)."""
 
     def __init__(
         self,
         model: nn.Module,
         config: HyperLoraConfig | None = None,
         args: ContinualTrainingArguments | None = None,
+        callbacks: Sequence[TrainerCallback] = (),
     ) -> None:
         self.args = args or ContinualTrainingArguments()
+        self.callbacks = list(callbacks)
         self.accelerator = Accelerator(
             mixed_precision=self.args.mixed_precision,
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,
@@ -132,6 +136,8 @@ class ContinualTrainer:
                 save_checkpoint(self.output_dir, state, self.model, self.heads, self.baselines)
             self.accelerator.wait_for_everyone()
             accuracy = self.progress.task_done(t, tasks, state)
+            for callback in self.callbacks:
+                callback.on_task_end(self, t, state)
             bar.update(1)
             bar.set_postfix(acc=f"{accuracy:.3f}")
         bar.close()
@@ -228,6 +234,20 @@ class ContinualTrainer:
             task_step, optimizer, loader, cosine_schedule(optimizer, total)
         )
 
+        try:
+            curve = self._steps(t, task, head, total, step_module, optimizer, loader, scheduler)
+        finally:
+            task_step.release()
+        accelerator.wait_for_everyone()
+        head.requires_grad_(False)
+        self.heads.append(head.eval())
+        accelerator.free_memory(step_module, optimizer, loader, scheduler)
+        self.model.eval()
+        return curve
+
+    def _steps(self, t: int, task: Task, head: nn.Linear, total: int, step_module, optimizer, loader, scheduler):
+        """Task t's ``total`` optimizer steps, logged; returns the learning curve."""
+        args, accelerator = self.args, self.accelerator
         bar = self.progress.bar(total=total, desc=f"task {t} ({task.name})", leave=False)
         curve_steps = {math.ceil(total * k / args.eval_curve_points) for k in range(1, args.eval_curve_points + 1)}
         curve = []
@@ -257,11 +277,6 @@ class ContinualTrainer:
                 if step >= total:
                     break
         bar.close()
-        accelerator.wait_for_everyone()
-        head.requires_grad_(False)
-        self.heads.append(head.eval())
-        accelerator.free_memory(step_module, optimizer, loader, scheduler)
-        self.model.eval()
         return curve
 
     def _update_frozen(self, t: int, frozen, offset: int) -> None:

@@ -73,7 +73,7 @@ class HyperLoraConfig(PeftConfig):
     )
     task_embedding_dim: int = field(default=32, metadata={"help": "Size of each task embedding e_t."})
     module_embedding_dim: int = field(default=32, metadata={"help": "Size of each module embedding c_m."})
-    hypernet_hidden_dim: int = field(default=256, metadata={"help": "Width of the hypernetwork trunk."})
+    hypernet_hidden_dim: int = field(default=64, metadata={"help": "Width of the hypernetwork trunk."})
     hypernet_num_layers: int = field(default=2, metadata={"help": "Depth of the hypernetwork trunk."})
 
     # Continual-learning method (read by hyperlora.ContinualTrainer).

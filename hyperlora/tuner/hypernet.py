@@ -4,18 +4,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 
-class HypernetOutput(NamedTuple):
-    """Generated factors for T tasks; ``A[m]`` is (T, r, in_m), ``B[m]`` is (T, out_m, r)."""
+class HypernetOutput:
+    """Generated factors for T tasks, kept as the heads produced them: one tensor per weight shape.
 
-    hidden: torch.Tensor  # (T, M, hidden_dim): the trunk activation, read by the guidance decoder
-    A: list[torch.Tensor]
-    B: list[torch.Tensor]
+    ``flat[key]`` is (T, members, r * in + out * r), the group's heads output (A without its fixed part). Factors
+    per module are views of it, made on demand with a few operations per shape group, whatever the number of modules:
+    ``A[m]`` is (T, r, in_m), ``B[m]`` (T, out_m, r), and ``task_factors(row)`` gives one task's 2-D ones.
+    """
+
+    def __init__(self, hidden: torch.Tensor, flat: dict[str, torch.Tensor], hypernet: HyperNetwork) -> None:
+        self.hidden = hidden  # (T, M, hidden_dim): the trunk activation, read by the guidance decoder
+        self.flat = flat
+        self._hypernet = hypernet
+        self._factors: dict[int | None, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    @property
+    def A(self) -> list[torch.Tensor]:
+        return self.task_factors(None)[0]
+
+    @property
+    def B(self) -> list[torch.Tensor]:
+        return self.task_factors(None)[1]
+
+    def task_factors(self, row: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every module's (A, B) of one generated task (``row``), 2-D, or of all of them (None), with a task axis."""
+        if row not in self._factors:
+            self._factors[row] = self._hypernet.split(self.flat, row)
+        return self._factors[row]
 
 
 def _shape_key(shape: tuple[int, int]) -> str:
@@ -83,6 +103,10 @@ class HyperNetwork(nn.Module):
             self.register_buffer(f"_a0_{key}", torch.empty(r, in_features).uniform_(-bound, bound))
             self.register_buffer(f"_members_{key}", torch.tensor(members), persistent=False)
         self._groups = groups
+        # While a task trains with old tasks protected: each head's free part D (see protect_tasks), and its fixed
+        # (U, Q, C) where W = C U^T + D Q^T. Empty otherwise, so saved adapters hold the heads' weights alone.
+        self.free = nn.ParameterDict()
+        self.fixed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # Runtime state, not saved: which task calls without task_ids use, and which one is merged.
         self.active_task: int | None = None
         self.merged_task: int | None = None
@@ -145,66 +169,87 @@ class HyperNetwork(nn.Module):
         return odd / odd.abs().mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def forward(self, task_embeddings: torch.Tensor) -> HypernetOutput:
-        """Generate every module's (A, B) for a batch of task embeddings of shape (T, task_embedding_dim)."""
-        num_tasks = task_embeddings.shape[0]
+        """Generate every module's (A, B) for a batch of task embeddings of shape (T, task_embedding_dim): one matmul
+        per shape group."""
         hidden = self.hidden(task_embeddings)
-        A: list[torch.Tensor] = [hidden] * self.num_modules  # placeholders, all overwritten below
-        B: list[torch.Tensor] = [hidden] * self.num_modules
+        flat = {}
         for key, head in self.heads.items():
-            members = self._groups[key]
-            out_features, in_features = self.module_shapes[members[0]]
             selected = hidden.index_select(1, getattr(self, f"_members_{key}"))
             # output_scale multiplies the (small) hidden input, so no backward pass scales a head-sized gradient
-            flat = (selected * self.output_scale) @ head.weight.t()
-            a, b = flat.split([self.r * in_features, out_features * self.r], dim=-1)
-            # unbind, not a[:, j] per member: its backward is one stack, where per-member selects would each
-            # build and sum a gradient the size of the whole group
-            a = (a.reshape(num_tasks, -1, self.r, in_features) + getattr(self, f"_a0_{key}")).unbind(1)
-            b = b.reshape(num_tasks, -1, out_features, self.r).unbind(1)
-            for j, m in enumerate(members):
-                A[m] = a[j]
-                B[m] = b[j]
-        return HypernetOutput(hidden, A, B)
+            scaled = selected * self.output_scale
+            if key in self.fixed:  # W = C U^T + D Q^T, without forming W
+                U, Q, C = self.fixed[key]
+                flat[key] = (scaled @ U) @ C.t() + (scaled @ Q) @ self.free[key].t()
+            else:
+                flat[key] = scaled @ head.weight.t()
+        return HypernetOutput(hidden, flat, self)
+
+    def split(
+        self, flat: dict[str, torch.Tensor], row: int | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-module factors from the heads' outputs, of one task ``row`` (2-D) or all tasks (3-D). The views of a
+        group come from one unbind each: its backward is one stack, where a select per module would each build and
+        sum a gradient the size of the whole group."""
+        A: list[torch.Tensor] = [None] * self.num_modules  # every entry is set below
+        B: list[torch.Tensor] = [None] * self.num_modules
+        for key, members in self._groups.items():
+            out_features, in_features = self.module_shapes[members[0]]
+            group = flat[key] if row is None else flat[key][row]
+            a, b = group.split([self.r * in_features, out_features * self.r], dim=-1)
+            a = a.unflatten(-1, (self.r, in_features)) + getattr(self, f"_a0_{key}")
+            b = b.unflatten(-1, (out_features, self.r))
+            for m, a_m, b_m in zip(members, a.unbind(-3), b.unbind(-3), strict=True):
+                A[m], B[m] = a_m, b_m
+        return A, B
 
     @torch.no_grad()
-    def head_bases(self, task_ids: Sequence[int], max_rank: int | None = None) -> dict[str, torch.Tensor]:
-        """For every head, an orthonormal basis (hidden_dim, k) of the hidden activations the given tasks feed it.
+    def head_bases(
+        self, task_ids: Sequence[int], max_rank: int | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """For every head, an orthonormal basis [U Q] of the hidden space: U (hidden_dim, k) spans the hidden
+        activations the given tasks feed it, Q the rest.
 
-        A head update orthogonal to these directions leaves those tasks' generated (A, B) exactly as they were
-        (``protect``). At most ``max_rank`` directions are kept (default: three quarters of hidden_dim, so that new
-        tasks keep room to learn); past that capacity, the weakest directions are left to the output regulariser.
+        A head update along Q alone leaves those tasks' generated (A, B) exactly as they were (``protect_tasks``). At
+        most ``max_rank`` directions go to U (default: three quarters of hidden_dim, so that new tasks keep room to
+        learn); past that capacity, the weakest directions are left to the output regulariser.
         """
         hidden = self.hidden(self.stacked_task_embeddings(task_ids)).float()
         max_rank = max_rank or 3 * hidden.shape[-1] // 4
         bases = {}
         for key, members in self._groups.items():
             rows = hidden[:, members].reshape(-1, hidden.shape[-1])
-            U, S, _ = torch.linalg.svd(rows.T, full_matrices=False)
+            basis, S, _ = torch.linalg.svd(rows.T, full_matrices=True)
             keep = int((1e-5 * S.max() < S).sum().clamp(max=max_rank))
-            bases[key] = U[:, :keep].contiguous()
+            bases[key] = basis[:, :keep].contiguous(), basis[:, keep:].contiguous()
         return bases
 
     @torch.no_grad()
-    def protect(self, bases: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """Undo the part of every head's change that moves the protected directions: W <- W - (W U - C) U^T, where
-        ``outputs[key]`` = C is W U recorded when the bases were taken (``protected_outputs``)."""
-        for key, head in self.heads.items():
-            U = bases[key]
-            head.weight.addmm_(head.weight @ U - outputs[key], U.T, alpha=-1.0)
+    def protect_tasks(self, task_ids: Sequence[int], max_rank: int | None = None) -> None:
+        """Until ``release_tasks``, train each head only in the hidden directions the given tasks do not feed it:
+        their generated (A, B) then cannot move through the heads, exactly, whatever the optimizer does.
+
+        Each head W is held as C U^T + D Q^T, with [U Q] an orthonormal basis of the hidden space and U spanning the
+        protected tasks' activations (``head_bases``): C = W U is fixed and D, in ``free``, is what trains. An
+        optimizer over D steps every free direction at its own pace (Adam: about lr, as a LoRA's weights) and never
+        a protected one, and a step costs what an unprotected one costs: no projection before or after it.
+        """
+        self.release_tasks()
+        for key, (U, Q) in self.head_bases(task_ids, max_rank).items():
+            weight = self.heads[key].weight
+            self.fixed[key] = (U, Q, weight @ U)
+            self.free[key] = nn.Parameter(weight @ Q, requires_grad=weight.requires_grad)
+            weight.requires_grad_(False)
 
     @torch.no_grad()
-    def project_gradients(self, bases: dict[str, torch.Tensor]) -> None:
-        """Remove from every head's gradient the part along the protected directions, before the optimizer sees it:
-        ``protect`` would undo a step there anyway, and Adam, which gives every weight a step of about lr, would
-        otherwise spend on those directions what the new task's free directions need."""
-        for key, head in self.heads.items():
-            if head.weight.grad is not None:
-                U = bases[key]
-                head.weight.grad.addmm_(head.weight.grad @ U, U.T, alpha=-1.0)
-
-    @torch.no_grad()
-    def protected_outputs(self, bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {key: head.weight @ bases[key] for key, head in self.heads.items()}
+    def release_tasks(self) -> None:
+        """Fold the free parts back into the heads' weights (W = C U^T + D Q^T) and train them whole again."""
+        for key, (U, Q, C) in self.fixed.items():
+            free = self.free[key]
+            weight = self.heads[key].weight
+            weight.copy_(C @ U.t() + free @ Q.t())
+            weight.requires_grad_(free.requires_grad)
+        self.fixed.clear()
+        self.free.clear()
 
     def version(self) -> tuple:
         """Changes whenever any parameter is replaced or updated in place: the key of the weight cache."""

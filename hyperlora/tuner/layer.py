@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-GeneratedWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # A (T,r,in), B (T,out,r), index
+# A (r, in) and B (out, r) of one task, or A (T, r, in) and B (T, out, r) of several with the sample -> row index
+GeneratedWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def supported_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -75,9 +76,9 @@ class HyperLoraLayer(BaseTunerLayer, nn.Module):
                     "HyperLoRA layers merge through the model: call model.merge_task(task_id) or merge_and_unload()"
                 )
             A, B, _ = self._generated[name]
-            if A.shape[0] != 1:
+            if A.dim() != 2:
                 raise ValueError("only a single task can be merged into the weights")
-            A, B = A[0].detach(), B[0].detach()
+            A, B = A.detach(), B.detach()
             delta = self._delta_weight(A, B, name).to(weight.dtype)
             if safe_merge:
                 merged = weight.data + delta
@@ -112,13 +113,15 @@ class HyperLoraLayer(BaseTunerLayer, nn.Module):
                     "not one of its layers"
                 )
             A, B, index = weights
+            if A.dtype != x.dtype:
+                A, B = A.to(x.dtype), B.to(x.dtype)
             # the scaling goes on B (out x r), not on the (batch, ..., out) output: one pass less, both ways
-            A, B = A.to(x.dtype), B.to(x.dtype) * self.scaling[name]
+            B = B * self.scaling[name]
             x_in = self.lora_dropout[name](x)
             if index is not None and index.shape[0] != x.shape[0]:
                 raise ValueError(f"task_ids has {index.shape[0]} entries but the batch has {x.shape[0]} samples")
-            if A.shape[0] == 1:
-                result = self._add_single_task(result, x_in, A[0], B[0])
+            if A.dim() == 2:
+                result = self._add_single_task(result, x_in, A, B)
             else:
                 result = result + self._per_sample(x_in, A.index_select(0, index), B.index_select(0, index))
         return result
@@ -128,9 +131,8 @@ class HyperLoraLayer(BaseTunerLayer, nn.Module):
             base = self.base_layer
             hidden = F.conv2d(x, A[:, :, None, None], stride=base.stride, padding=base.padding)
             return result + F.conv2d(hidden, B[:, :, None, None])
-        # result + (x A^T) B^T as one GEMM that accumulates into the base output
-        hidden = F.linear(x, A).reshape(-1, A.shape[0])
-        return torch.addmm(result.reshape(-1, B.shape[0]), hidden, B.t()).view(result.shape)
+        # LoRA's own operations (two linears and an add), so that a step costs what a LoRA step costs, op for op
+        return result + F.linear(F.linear(x, A), B)
 
     def _per_sample(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         # A: (N, r, in), B: (N, out, r), one factor pair per sample.

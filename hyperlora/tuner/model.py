@@ -216,44 +216,41 @@ class HyperLoraModel(BaseTuner):
             raise ValueError(
                 f"task {hypernet.merged_task} is merged into the weights; call unmerge() before running task(s) {tasks}"
             )
-        A, B, rows = self._factors(name, hypernet, tasks)
+        out, rows = self._factors(name, hypernet, tasks)
         index = None
         if len(tasks) == 1:
-            select = slice(rows[tasks[0]], rows[tasks[0]] + 1)
+            A, B = out.task_factors(rows[tasks[0]])
             if ids is not None:  # still handed out so that the layers can check the batch size
                 index = torch.zeros_like(ids)
         else:
+            A, B = out.A, out.B
             lookup = torch.full((hypernet.num_tasks,), -1, dtype=torch.long)
             lookup[list(rows)] = torch.tensor(list(rows.values()))
             index = lookup[ids]
-            select = slice(None)
         if index is not None:
             index = index.to(A[0].device)
         for layer in self._layers:
             m = layer.module_index.get(name)
             if m is not None:
-                layer.set_generated(name, (A[m][select], B[m][select], index))
+                layer.set_generated(name, (A[m], B[m], index))
         return True
 
-    def _factors(
-        self, name: str, hypernet: HyperNetwork, tasks: list[int]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, int]]:
-        """Fresh (differentiable) factors while training; all tasks once, cached until a parameter changes, else."""
+    def _factors(self, name: str, hypernet: HyperNetwork, tasks: list[int]) -> tuple[HypernetOutput, dict[int, int]]:
+        """Fresh (differentiable) factors while training; all tasks once, cached until a parameter changes, else.
+        Returns them with the row of each task."""
         if self._given is not None and self._given[0] == name and all(task in self._given[2] for task in tasks):
             _, out, rows = self._given
-            return out.A, out.B, rows
+            return out, rows
         building_graph = torch.is_grad_enabled() and any(p.requires_grad for p in hypernet.parameters())
         if building_graph:
-            out = hypernet(hypernet.stacked_task_embeddings(tasks))
-            return out.A, out.B, {task: row for row, task in enumerate(tasks)}
+            return hypernet(hypernet.stacked_task_embeddings(tasks)), {task: row for row, task in enumerate(tasks)}
         key = hypernet.version()
         cached = self._weight_cache.get(name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = (key, hypernet(hypernet.stacked_task_embeddings()))
             self._weight_cache[name] = cached
-        out = cached[1]
-        return out.A, out.B, {task: task for task in range(hypernet.num_tasks)}
+        return cached[1], {task: task for task in range(hypernet.num_tasks)}
 
     # --- merging -------------------------------------------------------------------------------------------------
 
