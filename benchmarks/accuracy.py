@@ -172,10 +172,11 @@ class OnlineEWC:
 
 
 @torch.no_grad()
-def _accuracy(model, head, task, spec, setup: Setup) -> float:
+@torch.no_grad()
+def _accuracy(model, head, loader, device: str) -> float:
     hits = n = 0
-    for pixel_values, labels in _loader(task, "test", spec, setup, shuffle=False, seed=0):
-        logits = head(pooled_features(model(pixel_values.to(setup.device))))
+    for pixel_values, labels in loader:
+        logits = head(pooled_features(model(pixel_values.to(device))))
         hits += (logits.argmax(-1).cpu() == labels).sum().item()
         n += labels.numel()
     return hits / n
@@ -222,7 +223,8 @@ def run_lora(tasks, seed: int, mode: str, setup: Setup, ewc_strength: float = 0.
         heads.append(head)
         times.append(time.perf_counter() - start)
         for j in range(t + 1):
-            R[t, j] = _accuracy(adapters[j] if mode == "per_task" else model, heads[j], tasks[j], spec, setup)
+            test = _loader(tasks[j], "test", spec, setup, shuffle=False, seed=0)
+            R[t, j] = _accuracy(adapters[j] if mode == "per_task" else model, heads[j], test, setup.device)
     lora_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
     return {
         "accuracy_matrix": R,

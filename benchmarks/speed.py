@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from operators import operator_table, step_operator_calls
 from peak_memory import describe, peak_increase
 from torch import nn
 
@@ -378,7 +379,7 @@ def markdown(result: dict) -> str:
         f"- model: `{cfg['model']}` (timm, random init), {cfg['image_size']} px, batch {cfg['batch_size']}, "
         f"{cfg['dtype']}, device {cfg['device']}; a {NUM_CLASSES}-class linear task head on the pooled features",
         f"- both methods: r={cfg['r']}, alpha={cfg['alpha']}, target modules {', '.join(TARGET_MODULES)}; "
-        "HyperLoRA with its default hypernetwork (task/module embeddings 32, trunk 2x256)",
+        "HyperLoRA with its default hypernetwork (task/module embeddings 32, trunk 2 layers of 64)",
         f"- timings: {cfg['warmup']} warm-up rounds, then {cfg['train_repeats']} (training) / "
         f"{cfg['infer_repeats']} (inference) interleaved rounds, one call of each variant per round in a rotating "
         "order; medians, ratio = HyperLoRA median / reference median",
@@ -451,6 +452,17 @@ def markdown(result: dict) -> str:
             "--dtype bf16 --name speed_gpu",
             "```",
         ]
+    lines += [
+        "",
+        "## Operator calls per training step",
+        "",
+        "Leaf ATen operator calls of one training step on the CPU (torch.profiler; a device-independent proxy for "
+        "kernel launches), ViT-B/16 with 12 and 6 blocks (48 and 24 adapted modules), HyperLoRA's trainer step on "
+        "its 6th task (regulariser, guidance, protected heads) against PEFT LoRA's with the same clip and AdamW "
+        "(benchmarks/operators.py):",
+        "",
+        *operator_table({int(depth): c for depth, c in result["operator_calls"].items()}),
+    ]
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -670,6 +682,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         ),
     ]
 
+    print("operator calls ...", flush=True)
+    operator_calls = {str(depth): step_operator_calls(depth=depth) for depth in (12, 6)}
     result = {
         "argv": argv,
         "machine": machine(args),
@@ -700,6 +714,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         },
         "memory_runs": mem,
         "storage": store,
+        "operator_calls": operator_calls,
         "gpu_table": None if args.device.startswith("cuda") else NO_GPU_NOTE,
         "notes": notes,
         "wall_seconds": round(time.perf_counter() - started, 1),

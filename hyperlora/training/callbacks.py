@@ -1,0 +1,18 @@
+"""Hooks into ``ContinualTrainer.fit``, as transformers' ``TrainerCallback`` hooks into ``Trainer.train``: code that
+runs between tasks (a comparison trained side by side, a custom log) without a copy of the loop."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .state import RunState
+
+if TYPE_CHECKING:
+    from .trainer import ContinualTrainer
+
+
+class TrainerCallback:
+    """Subclass and override what you need; every hook does nothing by default."""
+
+    def on_task_end(self, trainer: ContinualTrainer, t: int, state: RunState) -> None:
+        """Task ``t`` is trained, evaluated and checkpointed: ``state`` holds its results and timings."""
