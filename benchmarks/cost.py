@@ -113,10 +113,8 @@ def warm_up(task, args: ContinualTrainingArguments) -> None:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    quickstart = QuickstartArguments()
-    num_tasks = max(args.tasks)
     tasks = structured_tasks(
-        num_tasks, seed=args.seed, train_per_class=quickstart.train_per_class, test_per_class=quickstart.test_per_class
+        max(args.tasks), seed=args.seed, train_per_class=args.train_per_class, test_per_class=args.test_per_class
     )
     with tempfile.TemporaryDirectory() as tmp:
         training = ContinualTrainingArguments(
@@ -175,9 +173,10 @@ def write_report(out: Path, result: dict, args: argparse.Namespace, argv: list[s
         f"Command: `{payload['command'].strip()}`. Machine: {info['cpu']}, {info['torch_threads']} torch threads; "
         f"torch {info['torch']}, peft {info['peft']}; hyperlora at commit {info['hyperlora_commit']}; {info['date']}.",
         "",
-        "The embedded default's setting (EfficientNet-Lite0 at 64 px, structured tasks of 800 training images, "
-        f"{args.num_train_epochs} epochs, batch {args.per_device_train_batch_size}), one process, the two methods "
-        "interleaved task by task. Seconds for the last task of a sequence of that length.",
+        "The embedded default's setting (EfficientNet-Lite0 at 64 px, structured tasks of "
+        f"{4 * args.train_per_class} training images, {args.num_train_epochs} epochs, batch "
+        f"{args.per_device_train_batch_size}), one process, the two methods interleaved task by task. Seconds for "
+        "the last task of a sequence of that length.",
         "",
         "| tasks | HyperLoRA: frozen features | H-embedding | training | evaluation | total | LoRA: training | "
         "evaluation | total | training ratio | total ratio |",
@@ -212,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_train_epochs", type=int, default=DEFAULTS["num_train_epochs"])
     parser.add_argument("--per_device_train_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=DEFAULTS["learning_rate"])
+    parser.add_argument("--train_per_class", type=int, default=QuickstartArguments.train_per_class)
+    parser.add_argument("--test_per_class", type=int, default=QuickstartArguments.test_per_class)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 steps per task, to check that it runs")
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results" / "cost"))

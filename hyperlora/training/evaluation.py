@@ -16,6 +16,9 @@ from .features import FeatureReader
 from .state import FROZEN_CLASS_INCREMENTAL, RunState
 from .step import train_mode
 
+# Training images per class (on average) whose features give the forward-transfer probe its class means.
+FWT_PROBE_PER_CLASS = 64
+
 
 class Evaluator:
     """Accuracies of the model's tasks, through their heads; ``offsets[j]`` is task j's first global class."""
@@ -105,15 +108,18 @@ class Evaluator:
             predicted[mask] = self.heads[task_id](features[mask]).argmax(-1) + self.offsets[task_id]
         return routed, predicted
 
-    def forward_transfer_probe(self, t: int, task: Task, frozen, state: RunState) -> None:
+    def forward_transfer_probe(self, t: int, task: Task, frozen, state: RunState, seed: int = 0) -> None:
         """FWT's R[t-1][t] and b_t, before task t trains: nearest-class-mean accuracy on task t of the features under
-        task t-1's adapter (the model after task t-1) and of the untrained backbone. The frozen training features
-        are the ones every task computes anyway, and the frozen test features land in the evaluation's cache."""
+        task t-1's adapter (the model after task t-1) and of the untrained backbone. The class means come from a
+        seeded sample of ``FWT_PROBE_PER_CLASS`` training images per class on average (a mean needs few; every image
+        more is a forward pass more). The frozen training features are the ones every task computes anyway, and the
+        frozen test features land in the evaluation's cache."""
         self.reader.model.eval()
-        k = min(len(task.train), self.config.h_score_samples)
+        k = min(len(task.train), FWT_PROBE_PER_CLASS * task.num_classes)
+        sample = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed))[:k]
         train = {
-            "fwt_baseline": (frozen[0][:k], frozen[1][:k]),
-            "fwt_start": self.reader.features(self.reader.loader(task, "train", indices=range(k)), t - 1),
+            "fwt_baseline": (frozen[0][sample.to(frozen[0].device)], frozen[1][sample.to(frozen[1].device)]),
+            "fwt_start": self.reader.features(self.reader.loader(task, "train", indices=sample.tolist()), t - 1),
         }
         test = {"fwt_baseline": [], "fwt_start": [], "labels": []}
         with torch.no_grad():

@@ -121,7 +121,7 @@ class ContinualTrainer:
             # once per task, shared by the H-score ("lda"), the router and the frozen baselines
             frozen = self.reader.features(self.reader.loader(tasks[t], "train"), task_id=None)
             if t > 0:
-                self.evaluator.forward_transfer_probe(t, tasks[t], frozen, state)
+                self.evaluator.forward_transfer_probe(t, tasks[t], frozen, state, seed=self.args.seed + t)
             timings["frozen_features_s"][t], start = time.perf_counter() - start, time.perf_counter()
             h_embedding = self._h_embedding(t, tasks[t], state, frozen)
             timings["h_embedding_s"][t], start = time.perf_counter() - start, time.perf_counter()
