@@ -53,7 +53,7 @@ import re
 import runpy
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +121,12 @@ def _train_lora_task(model, head: nn.Linear, task, spec, setup: Setup, seed: int
 
 
 def _fit(model, heads, params, loader, loss_fn, setup: Setup, penalty=None) -> None:
+    for _ in _fit_steps(model, heads, params, loader, loss_fn, setup, penalty):
+        pass
+
+
+def _fit_steps(model, heads, params, loader, loss_fn, setup: Setup, penalty=None) -> Iterator[int]:
+    """``_fit`` one step at a time: yields the number of steps taken after each (a benchmark can pause it)."""
     head_params = [p for head in heads for p in head.parameters()]
     optimizer = torch.optim.AdamW(
         [{"params": params, "lr": setup.lr}, {"params": head_params, "lr": setup.head_lr}], weight_decay=0.0, fused=True
@@ -128,6 +134,7 @@ def _fit(model, heads, params, loader, loss_fn, setup: Setup, penalty=None) -> N
     total = setup.epochs * len(loader)
     scheduler = cosine_schedule(optimizer, total)
     train_mode(model)
+    steps = 0
     for _ in range(setup.epochs):
         for batch in loader:
             pixel_values, labels, *task_ids = (t.to(setup.device) for t in batch)
@@ -139,6 +146,8 @@ def _fit(model, heads, params, loader, loss_fn, setup: Setup, penalty=None) -> N
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            steps += 1
+            yield steps
     model.eval()
 
 

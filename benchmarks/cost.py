@@ -1,11 +1,12 @@
 """What a task costs end to end: ContinualTrainer with HyperLoRA's defaults against one PEFT LoRA per task.
 
-One process, one sequence, interleaved: after HyperLoRA's task t (frozen features, H-embedding, training and
+One process, one sequence, interleaved: around HyperLoRA's task t (frozen features, H-embedding, training and
 evaluation, as ``ContinualTrainer`` times them), a ``TrainerCallback`` trains a fresh PEFT LoRA adapter and head on
 the same task with the same optimizer (AdamW, the same learning rates, cosine schedule, grad-norm clip), epochs and
 batch, from the same decoded images, and evaluates every seen task with its own adapter, as HyperLoRA's evaluation
-does. So both sides of a ratio meet the same machine state. The setting is the embedded default's: the quickstart's
-backbone (EfficientNet-Lite0 at 64 px), structured tasks and budget.
+does. Half of LoRA's steps run just before HyperLoRA's task and the rest just after, so that both sides of a ratio
+meet the same machine state and a drift in the machine's speed cancels to first order. The setting is the embedded
+default's: the quickstart's backbone (EfficientNet-Lite0 at 64 px), structured tasks and budget.
 
 Reported at each length in ``--tasks`` (the last task of a sequence of that length; one run of the longest
 sequence serves all): ``ratio_train`` = HyperLoRA's training time / LoRA's, ``ratio_total`` = HyperLoRA's whole
@@ -27,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accuracy import Setup, _accuracy, _fit, _lora
+from accuracy import Setup, _accuracy, _fit_steps, _lora
 from speed import machine
 from torch import nn
 
@@ -43,7 +44,9 @@ HYPERLORA_STAGES = ("frozen_features_s", "h_embedding_s", "train_s", "eval_s")
 
 
 class PerTaskLora(TrainerCallback):
-    """After each HyperLoRA task, the same task with its own PEFT LoRA adapter, timed."""
+    """Around each HyperLoRA task, the same task with its own PEFT LoRA adapter, timed: the first half of its steps
+    before HyperLoRA's task, the rest and its evaluation after, so that a machine that slows down or speeds up over
+    the task weighs on both methods alike."""
 
     def __init__(self, args: ContinualTrainingArguments, tasks) -> None:
         self.args, self.tasks = args, tasks
@@ -57,8 +60,9 @@ class PerTaskLora(TrainerCallback):
         self.adapters: list[tuple[nn.Module, nn.Linear]] = []
         self.test_sets: list[TaskImages] = []
         self.timings: dict[str, list[float]] = {"train_s": [], "eval_s": []}
+        self._training = None  # the task's paused training: (steps, total, model, head)
 
-    def on_task_end(self, trainer: ContinualTrainer, t: int, state) -> None:
+    def on_task_begin(self, trainer: ContinualTrainer, t: int, state) -> None:
         torch.manual_seed(self.args.seed + t)
         task = self.tasks[t]
         backbone, config, size = build_backbone("efficientnet")
@@ -85,9 +89,21 @@ class PerTaskLora(TrainerCallback):
         def loss_fn(features, labels, _task_ids):
             return nn.functional.cross_entropy(head(features), labels)
 
-        _fit(model, [head], [p for p in model.parameters() if p.requires_grad], loader, loss_fn, setup)
-        self.adapters.append((model, head.requires_grad_(False)))
+        steps = _fit_steps(model, [head], [p for p in model.parameters() if p.requires_grad], loader, loss_fn, setup)
+        total = setup.epochs * len(loader)
+        for taken in steps:
+            if taken >= total // 2:
+                break
+        self._training = steps, model, head
         self.timings["train_s"].append(time.perf_counter() - start)
+
+    def on_task_end(self, trainer: ContinualTrainer, t: int, state) -> None:
+        steps, model, head = self._training
+        start = time.perf_counter()
+        for _ in steps:
+            pass
+        self.adapters.append((model, head.requires_grad_(False)))
+        self.timings["train_s"][t] += time.perf_counter() - start
         start = time.perf_counter()
         for (adapter, adapter_head), test in zip(self.adapters, self.test_sets, strict=True):
             loader = torch.utils.data.DataLoader(test, batch_size=self.args.per_device_eval_batch_size)

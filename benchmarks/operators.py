@@ -1,7 +1,9 @@
 """Operator calls per training step, counted with torch.profiler on the CPU: a device-independent proxy for the
 kernel launches a GPU step makes, which bound a small step's speed there.
 
-A call counts when it is an ATen operator that calls no other ATen operator (a leaf: what dispatches a kernel).
+A call counts when it is an ATen operator that dispatches a kernel itself (not a view, metadata or allocation, and
+calling no other operator that dispatches one), or a multi-tensor one (``_foreach_*``, ``_fused_*``: one kernel per
+chunk of tensors on a GPU).
 HyperLoRA's step is the trainer's own (``hyperlora.training.step``: cross-entropy, the output regulariser over the
 sampled old tasks, the embedding guidance, grad-norm clip, AdamW, with the old tasks' head directions protected);
 PEFT LoRA's is the same loss, clip and optimizer over its adapter. Counted per phase: forward + backward, and
@@ -20,17 +22,53 @@ from hyperlora.trainer import ContinualTrainingArguments
 from hyperlora.training.step import TaskStep, create_optimizer
 from hyperlora.tuner.model import TIMM_VIT_TARGETS
 
+MULTI_TENSOR = ("aten::_foreach_", "aten::_fused_")
+# Operators that dispatch no kernel: views, metadata, allocation, and ``to`` when nothing is converted (any copy it
+# makes is its child ``copy_``, counted there).
+NO_KERNEL = frozenset(
+    f"aten::{name}"
+    for name in (  # noqa: SIM905 (a list literal would take a line per name)
+        "empty empty_strided empty_like as_strided view _unsafe_view reshape _reshape_alias resolve_conj resolve_neg "
+        "detach alias lift_fresh to expand t transpose permute unsqueeze squeeze slice select unbind split "
+        "split_with_sizes narrow unflatten flatten numpy_T contiguous"
+    ).split()
+)
+
+
+def _multi_tensor(event) -> bool:
+    return event.name.startswith(MULTI_TENSOR)
+
+
+def _launches(event) -> bool:
+    """Whether the operator, or one it calls, dispatches a kernel."""
+    if not event.name.startswith("aten::"):
+        return False
+    return event.name not in NO_KERNEL or any(_launches(child) for child in event.cpu_children)
+
+
+def _counted(event) -> bool:
+    if not event.name.startswith("aten::") or event.name in NO_KERNEL:
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if _multi_tensor(parent):
+            return False
+        parent = parent.cpu_parent
+    return _multi_tensor(event) or not any(_launches(child) for child in event.cpu_children)
+
 
 def leaf_operator_calls(fn) -> int:
-    """Leaf ATen operator calls of one call of ``fn`` (after one untimed call, so that lazy setup is not counted)."""
+    """Kernel-dispatching operator calls of one call of ``fn`` (after one untimed call, so that lazy setup is not
+    counted).
+
+    A call is an ATen operator that dispatches a kernel itself: it is not a view, metadata or allocation operator
+    (``NO_KERNEL``) and calls no operator that dispatches one. A multi-tensor operator (``_foreach_*``, ``_fused_*``)
+    is one call, as a GPU runs it (one kernel per chunk of tensors), whatever the per-tensor loop the CPU runs it as.
+    """
     fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(
-        1
-        for event in prof.events()
-        if event.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in event.cpu_children)
-    )
+    return sum(1 for event in prof.events() if _counted(event))
 
 
 def step_operator_calls(

@@ -14,5 +14,8 @@ if TYPE_CHECKING:
 class TrainerCallback:
     """Subclass and override what you need; every hook does nothing by default."""
 
+    def on_task_begin(self, trainer: ContinualTrainer, t: int, state: RunState) -> None:
+        """Task ``t`` is about to start (before its frozen features, H-embedding and training)."""
+
     def on_task_end(self, trainer: ContinualTrainer, t: int, state: RunState) -> None:
         """Task ``t`` is trained, evaluated and checkpointed: ``state`` holds its results and timings."""

@@ -125,7 +125,9 @@ def training_step(
             raise FloatingPointError(f"the loss became {loss.item()}")
         accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm:
-            accelerator.clip_grad_norm_(step.parameters(), max_grad_norm)
+            # what the optimizer updates, not every parameter of the frozen backbone
+            trained = [p for group in optimizer.param_groups for p in group["params"]]
+            accelerator.clip_grad_norm_(trained, max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()

@@ -115,6 +115,8 @@ class ContinualTrainer:
 
         bar = self.progress.bar(total=len(tasks), initial=state.completed, desc="tasks")
         for t in range(state.completed, len(tasks)):
+            for callback in self.callbacks:
+                callback.on_task_begin(self, t, state)
             set_seed(self.args.seed + t)
             timings = state.timings
             start = time.perf_counter()
