@@ -456,8 +456,9 @@ def markdown(result: dict) -> str:
         "",
         "## Operator calls per training step",
         "",
-        "Leaf ATen operator calls of one training step on the CPU (torch.profiler; a device-independent proxy for "
-        "kernel launches), ViT-B/16 with 12 and 6 blocks (48 and 24 adapted modules), HyperLoRA's trainer step on "
+        "Kernel-dispatching ATen operator calls of one training step on the CPU (torch.profiler; a device-"
+        "independent proxy for a GPU's kernel launches: views and allocations do not count, a multi-tensor "
+        "operator counts once), ViT-B/16 with 12 and 6 blocks (48 and 24 adapted modules), HyperLoRA's trainer step on "
         "its 6th task (regulariser, guidance, protected heads) against PEFT LoRA's with the same clip and AdamW "
         "(benchmarks/operators.py):",
         "",
