@@ -60,7 +60,7 @@ class PerTaskLora(TrainerCallback):
         self.adapters: list[tuple[nn.Module, nn.Linear]] = []
         self.test_sets: list[TaskImages] = []
         self.timings: dict[str, list[float]] = {"train_s": [], "eval_s": []}
-        self._training = None  # the task's paused training: (steps, total, model, head)
+        self._training = None  # the task's paused training: (its step generator, model, head)
 
     def on_task_begin(self, trainer: ContinualTrainer, t: int, state) -> None:
         torch.manual_seed(self.args.seed + t)
@@ -191,8 +191,8 @@ def write_report(out: Path, result: dict, args: argparse.Namespace, argv: list[s
         "",
         "The embedded default's setting (EfficientNet-Lite0 at 64 px, structured tasks of "
         f"{4 * args.train_per_class} training images, {args.num_train_epochs} epochs, batch "
-        f"{args.per_device_train_batch_size}), one process, the two methods interleaved task by task. Seconds for "
-        "the last task of a sequence of that length.",
+        f"{args.per_device_train_batch_size}), one process, half of LoRA's steps just before HyperLoRA's task and "
+        "the rest just after. Seconds for the last task of a sequence of that length.",
         "",
         "| tasks | HyperLoRA: frozen features | H-embedding | training | evaluation | total | LoRA: training | "
         "evaluation | total | training ratio | total ratio |",

@@ -57,7 +57,7 @@ def _counted(event) -> bool:
     return _multi_tensor(event) or not any(_launches(child) for child in event.cpu_children)
 
 
-def leaf_operator_calls(fn) -> int:
+def operator_calls(fn) -> int:
     """Kernel-dispatching operator calls of one call of ``fn`` (after one untimed call, so that lazy setup is not
     counted).
 
@@ -90,10 +90,10 @@ def step_operator_calls(
     head = nn.Linear(lora.get_base_model().num_features, 2)
     params = [p for p in lora.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=True)
-    counts["lora_forward_backward"] = leaf_operator_calls(
+    counts["lora_forward_backward"] = operator_calls(
         lambda: (optimizer.zero_grad(), nn.functional.cross_entropy(head(lora(x)), y).backward())
     )
-    counts["lora_optimizer"] = leaf_operator_calls(
+    counts["lora_optimizer"] = operator_calls(
         lambda: (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm), optimizer.step())
     )
 
@@ -105,14 +105,12 @@ def step_operator_calls(
     step = TaskStep(model, nn.Linear(model.get_base_model().num_features, 2), t, config, torch.randn(32), seed=0)
     optimizer = create_optimizer(step, args)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    counts["hyperlora_forward_backward"] = leaf_operator_calls(
-        lambda: (optimizer.zero_grad(), step(x, y)[0].backward())
-    )
-    counts["hyperlora_optimizer"] = leaf_operator_calls(
+    counts["hyperlora_forward_backward"] = operator_calls(lambda: (optimizer.zero_grad(), step(x, y)[0].backward()))
+    counts["hyperlora_optimizer"] = operator_calls(
         lambda: (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm), optimizer.step())
     )
     hypernet = model.base_model.hypernet
-    counts["hypernet_pass"] = leaf_operator_calls(
+    counts["hypernet_pass"] = operator_calls(
         lambda: sum(flat.sum() for flat in hypernet(hypernet.stacked_task_embeddings([t])).flat.values()).backward()
     )
     step.release()

@@ -17,12 +17,15 @@ def test_hyperlora_extra_operator_calls_do_not_change_with_the_adapted_blocks():
     assert per_block["hyperlora_forward_backward"] == per_block["lora_forward_backward"]
     assert per_block["hyperlora_optimizer"] == per_block["lora_optimizer"] == 0  # multi-tensor clip and AdamW
     assert deep["extra"] == shallow["extra"] > 0
+    # one pass is a fixed set of batched operations per shape group; only the CPU's split of a product may change as a
+    # group's members grow (135 -> 138 calls from 3 to 6 blocks), never by a loop over modules (>= 4 calls per block)
+    assert shallow["hypernet_pass"] <= deep["hypernet_pass"] <= shallow["hypernet_pass"] + deep["shape_groups"]
 
 
 def test_multi_tensor_operators_count_once_and_views_not_at_all():
     import torch
 
     tensors = [torch.ones(3) for _ in range(5)]
-    assert operators.leaf_operator_calls(lambda: torch._foreach_mul_(tensors, 2.0)) == 1
-    assert operators.leaf_operator_calls(lambda: [t.view(3, 1).t() for t in tensors]) == 0
-    assert operators.leaf_operator_calls(lambda: [t.mul(2.0) for t in tensors]) == 5
+    assert operators.operator_calls(lambda: torch._foreach_mul_(tensors, 2.0)) == 1
+    assert operators.operator_calls(lambda: [t.view(3, 1).t() for t in tensors]) == 0
+    assert operators.operator_calls(lambda: [t.mul(2.0) for t in tensors]) == 5
