@@ -17,4 +17,6 @@ def test_cost_benchmark_times_both_methods_per_task_and_writes_the_ratios(tmp_pa
         assert train == row["hyperlora_train_s"] / row["lora_train_s"] > 0
         hyper = sum(row[f"hyperlora_{stage}"] for stage in cost.HYPERLORA_STAGES)
         assert total == hyper / (row["lora_train_s"] + row["lora_eval_s"])
+    for inside, lora_train in zip(result["lora_timings"]["inside_s"], result["lora_timings"]["train_s"], strict=True):
+        assert 0 < inside <= lora_train  # LoRA's steps ran between HyperLoRA's, and were taken out of its time
     assert "| 2 |" in (tmp_path / "cost.md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from PIL import Image as PILImage
 from hyperlora import HyperLoraConfig
 from hyperlora.data import Task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
+from hyperlora.training import TrainerCallback
 from hyperlora.training.reporting import tracker_config
 
 
@@ -118,6 +120,32 @@ def test_fit_writes_metrics_artifacts_and_plots(tmp_path, tasks):
         assert (tmp_path / "final" / name).is_file()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "task-002"
     assert all(t > 0 for t in written["timings"]["train_s"])
+
+
+def test_callbacks_see_every_task_and_step_in_order_and_their_step_time_counts_in_train_s(tmp_path, tasks):
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.events = []
+
+        def on_task_begin(self, trainer, t, state):
+            self.events.append(("begin", t, state.completed))
+
+        def on_step_end(self, trainer, t, step, state):
+            self.events.append(("step", t, step))
+            if step == 1:
+                time.sleep(0.2)  # inside the task's training
+
+        def on_task_end(self, trainer, t, state):
+            self.events.append(("end", t, state.completed))
+
+    recorder = Recorder()
+    args = arguments(tmp_path, max_steps_per_task=2)
+    results = ContinualTrainer(tiny_vit(), config(), args, callbacks=[recorder]).fit(tasks[:2])
+    assert recorder.events == [
+        ("begin", 0, 0), ("step", 0, 1), ("step", 0, 2), ("end", 0, 1),
+        ("begin", 1, 1), ("step", 1, 1), ("step", 1, 2), ("end", 1, 2),
+    ]  # fmt: skip
+    assert all(seconds >= 0.2 for seconds in results["timings"]["train_s"])
 
 
 def _frozen_features(split: str, tasks: list[Task]) -> tuple[np.ndarray, np.ndarray]:

@@ -127,7 +127,7 @@ class ContinualTrainer:
             timings["frozen_features_s"][t], start = time.perf_counter() - start, time.perf_counter()
             h_embedding = self._h_embedding(t, tasks[t], state, frozen)
             timings["h_embedding_s"][t], start = time.perf_counter() - start, time.perf_counter()
-            state.learning_curves[t] = self._train_task(t, tasks[t], h_embedding)
+            state.learning_curves[t] = self._train_task(t, tasks[t], h_embedding, state)
             timings["train_s"][t], start = time.perf_counter() - start, time.perf_counter()
             self._update_frozen(t, frozen, offsets[t])
             self.evaluator.evaluate(t, tasks, state, self.baselines)
@@ -221,7 +221,7 @@ class ContinualTrainer:
         self.model.add_task(init)
         return None if h_embedding is None else torch.as_tensor(h_embedding, dtype=torch.float32)
 
-    def _train_task(self, t: int, task: Task, h_embedding: torch.Tensor | None) -> list[list[float]]:
+    def _train_task(self, t: int, task: Task, h_embedding: torch.Tensor | None, state: RunState) -> list[list[float]]:
         """Train task t; returns its learning curve, [step, test accuracy] pairs (``eval_curve_points``)."""
         args, accelerator = self.args, self.accelerator
         head = nn.Linear(self.reader.feature_dim(task), task.num_classes).to(accelerator.device)
@@ -237,7 +237,7 @@ class ContinualTrainer:
         )
 
         try:
-            curve = self._steps(t, task, head, total, step_module, optimizer, loader, scheduler)
+            curve = self._steps(t, task, head, total, step_module, optimizer, loader, scheduler, state)
         finally:
             task_step.release()
         accelerator.wait_for_everyone()
@@ -247,7 +247,7 @@ class ContinualTrainer:
         self.model.eval()
         return curve
 
-    def _steps(self, t: int, task: Task, head: nn.Linear, total: int, step_module, optimizer, loader, scheduler):
+    def _steps(self, t: int, task: Task, head: nn.Linear, total: int, step_module, optimizer, loader, scheduler, state):
         """Task t's ``total`` optimizer steps, logged; returns the learning curve."""
         args, accelerator = self.args, self.accelerator
         bar = self.progress.bar(total=total, desc=f"task {t} ({task.name})", leave=False)
@@ -276,6 +276,8 @@ class ContinualTrainer:
                     self.progress.log_step(t, task, step, total, values, lr)
                 if step in curve_steps:
                     curve.append([step, self.evaluator.task_accuracy(t, task, head)])
+                for callback in self.callbacks:
+                    callback.on_step_end(self, t, step, state)
                 if step >= total:
                     break
         bar.close()
