@@ -148,6 +148,36 @@ def test_callbacks_see_every_task_and_step_in_order_and_their_step_time_counts_i
     assert all(seconds >= 0.2 for seconds in results["timings"]["train_s"])
 
 
+@pytest.mark.parametrize("embedding_learning_rate", [None, 5e-3])
+def test_the_optimizer_has_one_group_per_learning_rate_holding_every_trained_parameter_once(embedding_learning_rate):
+    from peft import get_peft_model
+
+    from hyperlora.training.step import TaskStep, create_optimizer
+
+    model = get_peft_model(tiny_vit(), config())
+    for _ in range(2):
+        model.add_task()
+    head = torch.nn.Linear(32, 2)
+    step = TaskStep(model, head, 1, config(), h_embedding=torch.randn(8))
+    args = ContinualTrainingArguments(
+        learning_rate=1e-3, head_learning_rate=1e-2, embedding_learning_rate=embedding_learning_rate
+    )
+    groups = create_optimizer(step, args).param_groups
+    hypernet = model.base_model.hypernet
+    embedding = hypernet.task_embeddings[1]
+    expected = {1e-3: [p for p in hypernet.parameters() if p.requires_grad and p is not embedding]}
+    expected[1e-3] += list(step.decoder.parameters())
+    expected.setdefault(embedding_learning_rate or 1e-3, []).append(embedding)
+    expected[1e-2] = list(head.parameters())
+    assert [group["lr"] for group in groups] == list(expected)
+    for group, params in zip(groups, expected.values(), strict=True):
+        assert {id(p) for p in group["params"]} == {id(p) for p in params}
+        assert len(group["params"]) == len(params)
+    assert not hypernet.task_embeddings[0].requires_grad  # the old task's embedding is not trained
+    assert "free" in {name.split(".")[0] for name, p in hypernet.named_parameters() if p.requires_grad}
+    step.release()
+
+
 def _frozen_features(split: str, tasks: list[Task]) -> tuple[np.ndarray, np.ndarray]:
     """The untouched backbone's features of every task's split, computed here without the trainer."""
     from hyperlora.data import TaskImages, image_spec

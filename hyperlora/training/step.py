@@ -89,22 +89,22 @@ class TaskStep(nn.Module):
 
 
 def create_optimizer(step: TaskStep, args: ContinualTrainingArguments) -> torch.optim.AdamW:
-    """AdamW over the hypernetwork (but old task embeddings), the new task's embedding, its head and the decoder,
-    each group at its own learning rate."""
+    """AdamW over the hypernetwork (but old task embeddings), the new task's embedding, its head and the decoder, at
+    their learning rates: one parameter group per distinct rate, so that each costs one fused update."""
     hypernet = step.model.base_model.hypernet
     embedding = hypernet.task_embeddings[step.t]
-    groups = [
-        {
-            "params": [p for p in hypernet.parameters() if p.requires_grad and p is not embedding],
-            "lr": args.learning_rate,
-        },
-        {"params": [embedding], "lr": args.embedding_learning_rate or args.learning_rate},
-        {"params": list(step.head.parameters()), "lr": args.head_learning_rate},
-    ]
-    if step.decoder is not None:
-        groups.append({"params": list(step.decoder.parameters()), "lr": args.learning_rate})
-    # fused: one kernel over all parameters, which matters for the hypernet's few large head matrices
+    decoder = [] if step.decoder is None else list(step.decoder.parameters())
+    trained = [p for p in hypernet.parameters() if p.requires_grad and p is not embedding] + decoder
+    rates = {}  # learning rate -> parameters: one group per distinct rate, first the hypernetwork's (logged)
+    for params, lr in (
+        (trained, args.learning_rate),
+        ([embedding], args.embedding_learning_rate or args.learning_rate),
+        (list(step.head.parameters()), args.head_learning_rate),
+    ):
+        rates.setdefault(lr, []).extend(params)
+    # fused: one kernel per group over all its parameters, which matters for the hypernet's few large head matrices
     fused = step.head.weight.device.type in ("cpu", "cuda")
+    groups = [{"params": params, "lr": lr} for lr, params in rates.items()]
     return torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=fused)
 
 

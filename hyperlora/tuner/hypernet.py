@@ -172,11 +172,12 @@ class HyperNetwork(nn.Module):
         """Generate every module's (A, B) for a batch of task embeddings of shape (T, task_embedding_dim): one matmul
         per shape group."""
         hidden = self.hidden(task_embeddings)
+        # output_scale multiplies the (small) hidden input, once for all groups, so that no backward pass scales a
+        # head-sized gradient
+        scaled_all = hidden * self.output_scale
         flat = {}
         for key, head in self.heads.items():
-            selected = hidden.index_select(1, getattr(self, f"_members_{key}"))
-            # output_scale multiplies the (small) hidden input, so no backward pass scales a head-sized gradient
-            scaled = selected * self.output_scale
+            scaled = scaled_all.index_select(1, getattr(self, f"_members_{key}"))
             if key in self.fixed:  # W = C U^T + D Q^T, without forming W
                 U, Q, C = self.fixed[key]
                 flat[key] = (scaled @ U) @ C.t() + (scaled @ Q) @ self.free[key].t()
