@@ -7,7 +7,8 @@ chunk of tensors on a GPU).
 HyperLoRA's step is the trainer's own (``hyperlora.training.step``: cross-entropy, the output regulariser over the
 sampled old tasks, the embedding guidance, grad-norm clip, AdamW, with the old tasks' head directions protected);
 PEFT LoRA's is the same loss, clip and optimizer over its adapter. Counted per phase: forward + backward, and
-clip + optimizer step. ``hypernet_pass`` is one forward and backward of the hypernetwork alone, for one task.
+clip + optimizer step. ``hypernet_pass`` is one forward and backward of the hypernetwork alone, for one task, with
+the heads protected as the step has them.
 """
 
 from __future__ import annotations
@@ -72,10 +73,16 @@ def operator_calls(fn) -> int:
 
 
 def step_operator_calls(
-    model_name: str = "vit_base_patch16_224", depth: int = 12, num_tasks: int = 6, **model_kwargs
+    model_name: str = "vit_base_patch16_224",
+    depth: int = 12,
+    num_tasks: int = 6,
+    regulariser: bool = True,
+    guidance: bool = True,
+    **model_kwargs,
 ) -> dict[str, int]:
     """Operator calls of one training step of PEFT LoRA and of HyperLoRA's trainer on task ``num_tasks`` - 1 (so
-    with the regulariser and the protection of the tasks before it), on a timm ViT of ``depth`` blocks."""
+    with the regulariser, the guidance and the protection of the tasks before it, unless turned off), on a timm ViT
+    of ``depth`` blocks."""
     import timm
 
     def vit() -> nn.Module:
@@ -97,12 +104,13 @@ def step_operator_calls(
         lambda: (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm), optimizer.step())
     )
 
-    config = HyperLoraConfig(r=8, lora_alpha=16)
+    config = HyperLoraConfig(r=8, lora_alpha=16, **({} if regulariser else {"beta_reg": 0.0}))
     model = get_peft_model(vit(), config)
     for _ in range(num_tasks):
         model.add_task()
     t = num_tasks - 1
-    step = TaskStep(model, nn.Linear(model.get_base_model().num_features, 2), t, config, torch.randn(32), seed=0)
+    h_embedding = torch.randn(config.task_embedding_dim) if guidance else None
+    step = TaskStep(model, nn.Linear(model.get_base_model().num_features, 2), t, config, h_embedding, seed=0)
     optimizer = create_optimizer(step, args)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     counts["hyperlora_forward_backward"] = operator_calls(lambda: (optimizer.zero_grad(), step(x, y)[0].backward()))
@@ -110,6 +118,7 @@ def step_operator_calls(
         lambda: (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm), optimizer.step())
     )
     hypernet = model.base_model.hypernet
+    # the step's own pass: the protected heads' products, as the step runs them
     counts["hypernet_pass"] = operator_calls(
         lambda: sum(flat.sum() for flat in hypernet(hypernet.stacked_task_embeddings([t])).flat.values()).backward()
     )
@@ -135,3 +144,16 @@ def operator_table(rows: dict[int, dict[str, int]]) -> list[str]:
             f"{c['extra']:+d} | {c['hypernet_pass']} ({c['shape_groups']} shape groups) |"
         )
     return lines
+
+
+def extra_breakdown(depth: int = 12) -> dict[str, int]:
+    """Where HyperLoRA's extra calls go: the step's hypernetwork pass, the extra without either loss, and what each
+    loss adds (the extra with it minus the extra without it)."""
+    full = step_operator_calls(depth=depth)
+    return {
+        "extra": full["extra"],
+        "hypernet_pass": full["hypernet_pass"],
+        "without_losses": step_operator_calls(depth=depth, regulariser=False, guidance=False)["extra"],
+        "regulariser": full["extra"] - step_operator_calls(depth=depth, regulariser=False)["extra"],
+        "guidance": full["extra"] - step_operator_calls(depth=depth, guidance=False)["extra"],
+    }

@@ -132,7 +132,7 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
         "h_embedding_s": h_embedding_s,
         "h_embedding_share": h_embedding_s / train_s,
         "old_task_state_bytes": tensor_bytes(hypernet.task_embeddings)
-        + (tensor_bytes(task_step.reg_targets.values()) if t else 0)
+        + (tensor_bytes([task_step.reg_targets]) if t else 0)
         + tensor_bytes(tensor for fixed in hypernet.fixed.values() for tensor in fixed),
         "stored_bytes": shared
         + tensor_bytes(hypernet.task_embeddings)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from operators import operator_table, step_operator_calls
+from operators import extra_breakdown, operator_table, step_operator_calls
 from peak_memory import describe, peak_increase
 from torch import nn
 
@@ -464,6 +464,15 @@ def markdown(result: dict) -> str:
         "",
         *operator_table({int(depth): c for depth, c in result["operator_calls"].items()}),
     ]
+    if "operator_breakdown" in result:
+        parts = result["operator_breakdown"]
+        lines += [
+            "",
+            f"Where the {parts['extra']} extra calls at 12 blocks go: without the output regulariser and the "
+            f"embedding guidance the step makes {parts['without_losses']} extra calls, against its hypernetwork "
+            f"pass's {parts['hypernet_pass']}; the regulariser adds {parts['regulariser']} and the guidance "
+            f"{parts['guidance']}. None of them depends on the number of adapted modules.",
+        ]
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -685,6 +694,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     print("operator calls ...", flush=True)
     operator_calls = {str(depth): step_operator_calls(depth=depth) for depth in (12, 6)}
+    operator_breakdown = extra_breakdown(depth=12)
     result = {
         "argv": argv,
         "machine": machine(args),
@@ -716,6 +726,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "memory_runs": mem,
         "storage": store,
         "operator_calls": operator_calls,
+        "operator_breakdown": operator_breakdown,
         "gpu_table": None if args.device.startswith("cuda") else NO_GPU_NOTE,
         "notes": notes,
         "wall_seconds": round(time.perf_counter() - started, 1),

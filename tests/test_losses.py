@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hyperlora.method.losses import GuidanceDecoder, guidance_loss, guidance_weight, output_regulariser
+from hyperlora.method.losses import GuidanceDecoder, flat_outputs, guidance_loss, guidance_weight, output_regulariser
 from hyperlora.tuner.hypernet import HyperNetwork
 
 
@@ -20,13 +20,13 @@ def test_output_regulariser_is_the_mean_over_sampled_tasks_of_squared_distances_
         torch.nn.init.normal_(head.weight)
     old = hypernet(torch.randn(3, 3))  # 3 old tasks, recorded
     rows = [2, 0]
-    current = hypernet(torch.randn(len(rows) + 1, 3))  # the sampled old tasks' rows, then the current task
+    current, _ = hypernet(torch.randn(len(rows) + 1, 3)).split_tasks(len(rows))  # the sampled old tasks, then task t
     expected = 0.0
     for k, task in enumerate(rows):
         for m in range(3):
             for now, then in ((current.A[m], old.A[m]), (current.B[m], old.B[m])):
                 expected += ((now[k].detach().numpy() - then[task].detach().numpy()) ** 2).sum()
-    regulariser = output_regulariser(current, rows, old.flat)
+    regulariser = output_regulariser(current, rows, flat_outputs(old))
     assert regulariser.item() == pytest.approx(expected / len(rows), rel=1e-5)
     assert regulariser.item() > 0
 

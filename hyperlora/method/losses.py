@@ -9,21 +9,21 @@ from torch import nn
 from ..tuner.hypernet import HypernetOutput
 
 
-def output_regulariser(current: HypernetOutput, rows: list[int], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+def flat_outputs(generated: HypernetOutput) -> torch.Tensor:
+    """Every shape group's head outputs side by side, (T, total): what the regulariser compares in one operation."""
+    return torch.cat([flat.flatten(1) for flat in generated.flat.values()], dim=1)
+
+
+def output_regulariser(current: HypernetOutput, rows: list[int], targets: torch.Tensor) -> torch.Tensor:
     """Mean over the sampled old tasks of sum_m ||A_m(e_i) - A*_{i,m}||^2 + ||B_m(e_i) - B*_{i,m}||^2.
 
-    ``current`` holds the hypernet's outputs for the sampled tasks (its first rows), ``rows`` their positions in the
-    recorded targets (``targets[key]`` is the shape group's ``flat`` output for every old task, recorded from the
-    frozen hypernet before the task started). Computed per shape group on the heads' outputs, where A's fixed part
-    cancels: a few operations per group, whatever the number of modules.
+    ``current`` holds the hypernet's outputs for the sampled tasks, ``rows`` their positions in the recorded
+    ``targets`` (``flat_outputs`` of every old task, recorded from the frozen hypernet before the task started).
+    Computed on the heads' outputs, where A's fixed part cancels: a few operations, whatever the number of modules or
+    shape groups (one squared distance over all of them; its gradient is the per-module one, exactly).
     """
-    index = torch.as_tensor(rows, device=current.hidden.device)
-    # mse_loss: one kernel each way per group, where (a - b).pow(2).sum() launches three forward and more backward
-    total = sum(
-        F.mse_loss(current.flat[key][: len(rows)], target.index_select(0, index), reduction="sum")
-        for key, target in targets.items()
-    )
-    return total / len(rows)
+    index = torch.as_tensor(rows, device=targets.device)
+    return F.mse_loss(flat_outputs(current), targets.index_select(0, index), reduction="sum") / len(rows)
 
 
 class GuidanceDecoder(nn.Module):

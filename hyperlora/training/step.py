@@ -13,7 +13,7 @@ from peft import PeftModel
 from torch import nn
 
 from ..data import pooled_features
-from ..method.losses import GuidanceDecoder, guidance_loss, guidance_weight, output_regulariser
+from ..method.losses import GuidanceDecoder, flat_outputs, guidance_loss, guidance_weight, output_regulariser
 from ..tuner import HyperLoraConfig
 from .arguments import ContinualTrainingArguments
 
@@ -47,10 +47,10 @@ class TaskStep(nn.Module):
         super().__init__()
         self.model, self.head, self.t, self.config = model, head, t, config
         tuner = model.base_model
-        self.reg_targets = None  # the old tasks' generated factors, per shape group
+        self.reg_targets = None  # the old tasks' generated factors, (t, total)
         if t > 0 and config.beta_reg > 0:
             with torch.no_grad():
-                self.reg_targets = dict(tuner.generate(list(range(t))).flat)
+                self.reg_targets = flat_outputs(tuner.generate(list(range(t))))
         self.beta_emb = guidance_weight(t, config.beta_emb_slope)
         self.decoder = self.h_embedding = None
         if h_embedding is not None and self.beta_emb > 0:
@@ -72,14 +72,15 @@ class TaskStep(nn.Module):
         tasks = [*reg_tasks, self.t]
         tuner = self.model.base_model
         out = tuner.generate(tasks)
-        with tuner.use_generated(out, tasks):
+        old, current = out.split_tasks(len(reg_tasks)) if reg_tasks else (None, out)
+        with tuner.use_generated(current, [self.t]):
             logits = self.head(pooled_features(self.model(pixel_values)))
         ce = F.cross_entropy(logits.float(), labels)
         losses = {"ce": ce}
         if reg_tasks:
-            losses["reg"] = output_regulariser(out, reg_tasks, self.reg_targets)
+            losses["reg"] = output_regulariser(old, reg_tasks, self.reg_targets)
         if self.decoder is not None:
-            losses["emb"] = guidance_loss(self.decoder, out.hidden[-1:].float(), self.h_embedding)
+            losses["emb"] = guidance_loss(self.decoder, current.hidden.float(), self.h_embedding)
         loss = ce + self.config.beta_reg * losses.get("reg", 0.0) + self.beta_emb * losses.get("emb", 0.0)
         return loss, {k: v.detach() for k, v in losses.items()}
 

@@ -37,6 +37,17 @@ class HypernetOutput:
             self._factors[row] = self._hypernet.split(self.flat, row)
         return self._factors[row]
 
+    def split_tasks(self, first: int) -> tuple[HypernetOutput, HypernetOutput]:
+        """The first ``first`` tasks' output and the rest's, with one split per tensor: its backward is one
+        concatenation, where indexing each part would build a zero gradient the size of the whole and add it."""
+        sizes = [first, self.hidden.shape[0] - first]
+        hidden = self.hidden.split(sizes)
+        flat = {key: tensor.split(sizes) for key, tensor in self.flat.items()}
+        return tuple(
+            HypernetOutput(hidden[part], {key: parts[part] for key, parts in flat.items()}, self._hypernet)
+            for part in (0, 1)
+        )
+
 
 def _shape_key(shape: tuple[int, int]) -> str:
     out_features, in_features = shape
@@ -101,8 +112,9 @@ class HyperNetwork(nn.Module):
             self.heads[key] = head
             # persistent: the shared A is part of what a saved adapter reproduces
             self.register_buffer(f"_a0_{key}", torch.empty(r, in_features).uniform_(-bound, bound))
-            self.register_buffer(f"_members_{key}", torch.tensor(members), persistent=False)
         self._groups = groups
+        # the modules in shape-group order: one index_select and one split give every group its hidden rows
+        self.register_buffer("_group_order", torch.tensor([m for members in groups.values() for m in members]), False)
         # While a task trains with old tasks protected: each head's free part D (see protect_tasks), and its fixed
         # (U, Q, C) where W = C U^T + D Q^T. Empty otherwise, so saved adapters hold the heads' weights alone.
         self.free = nn.ParameterDict()
@@ -174,10 +186,11 @@ class HyperNetwork(nn.Module):
         hidden = self.hidden(task_embeddings)
         # output_scale multiplies the (small) hidden input, once for all groups, so that no backward pass scales a
         # head-sized gradient
-        scaled_all = hidden * self.output_scale
+        scaled_all = (hidden * self.output_scale).index_select(1, self._group_order)
+        sizes = [len(members) for members in self._groups.values()]
         flat = {}
-        for key, head in self.heads.items():
-            scaled = scaled_all.index_select(1, getattr(self, f"_members_{key}"))
+        for (key, head), scaled in zip(self.heads.items(), scaled_all.split(sizes, dim=1), strict=True):
+            scaled = scaled.contiguous()  # as one (T * members, hidden) matrix: each product below is a single mm
             if key in self.fixed:  # W = C U^T + D Q^T, without forming W
                 U, Q, C = self.fixed[key]
                 flat[key] = (scaled @ U) @ C.t() + (scaled @ Q) @ self.free[key].t()
@@ -195,7 +208,9 @@ class HyperNetwork(nn.Module):
         B: list[torch.Tensor] = [None] * self.num_modules
         for key, members in self._groups.items():
             out_features, in_features = self.module_shapes[members[0]]
-            group = flat[key] if row is None else flat[key][row]
+            group = flat[key]
+            if row is not None:  # of a single task, a view: its backward builds no zero gradient for other rows
+                group = group.squeeze(0) if group.shape[0] == 1 else group[row]
             a, b = group.split([self.r * in_features, out_features * self.r], dim=-1)
             a = a.unflatten(-1, (self.r, in_features)) + getattr(self, f"_a0_{key}")
             b = b.unflatten(-1, (out_features, self.r))
