@@ -238,7 +238,7 @@ def run_lora(tasks, seed: int, mode: str, setup: Setup, ewc_strength: float = 0.
     return {
         "accuracy_matrix": R,
         "train_s": times,
-        "bytes_per_task": lora_bytes if mode == "per_task" else 0,
+        "bytes_per_task": head_bytes(tasks, width) + (lora_bytes if mode == "per_task" else 0),
         "shared_bytes": 0 if mode == "per_task" else lora_bytes,
     }
 
@@ -330,8 +330,13 @@ def run_frozen(tasks, seed: int, setup: Setup, ranpac_dim: int) -> dict[str, dic
         for name, predicted in baselines.predict(features).items():
             seen[name].append((predicted == labels).double().mean().item())
     wall = time.perf_counter() - start
-    head_bytes = sum(width * task.num_classes * 4 for task in tasks) // num_tasks
-    results = {"frozen_probe": {"accuracy_matrix": probe, "train_s": [wall / num_tasks], "bytes_per_task": head_bytes}}
+    results = {
+        "frozen_probe": {
+            "accuracy_matrix": probe,
+            "train_s": [wall / num_tasks],
+            "bytes_per_task": head_bytes(tasks, width),
+        }
+    }
     for name, accuracies in seen.items():
         results[f"frozen_{name}"] = {
             "accuracy_matrix": None,
@@ -371,9 +376,16 @@ def run_hyperlora(tasks, seed: int, output_dir: Path, overrides: dict, setup: Se
     )
     trainer = ContinualTrainer(backbone, config, args)
     results = trainer.fit(tasks)
-    results["bytes_per_task"] = config.task_embedding_dim * 4
+    width = trainer.heads[0].in_features
+    results["bytes_per_task"] = config.task_embedding_dim * 4 + head_bytes(tasks, width)
     results["shared_bytes"] = hypernet_bytes(trainer.model)
     return results
+
+
+def head_bytes(tasks, width: int) -> int:
+    """What a task's own linear head (weights and bias, float32) stores, averaged over the tasks: part of every
+    task-incremental method's cost per task."""
+    return sum(4 * (width + 1) * task.num_classes for task in tasks) // len(tasks)
 
 
 def hypernet_bytes(model) -> int:
@@ -463,14 +475,15 @@ def method_metrics(method: str, result: dict) -> dict:
 
 
 def steps_to_95(curves: list[list[list[float]]]) -> float | None:
-    """How fast later tasks learn: the share of its budget a task (after the first) takes to reach 95% of its
-    final test accuracy, averaged over those tasks (learning curves from ``--eval_curve_points``)."""
-    shares = []
+    """How fast later tasks learn: the training step at which a task (after the first) first reaches 95% of its
+    final test accuracy, averaged over those tasks (learning curves from ``--eval_curve_points``: a resolution of
+    the task's steps / points)."""
+    steps = []
     for curve in curves[1:]:
         if curve:
-            total, final = curve[-1]
-            shares.append(next(step for step, accuracy in curve if accuracy >= 0.95 * final) / total)
-    return float(np.mean(shares)) if shares else None
+            final = curve[-1][1]
+            steps.append(next(step for step, accuracy in curve if accuracy >= 0.95 * final))
+    return float(np.mean(steps)) if steps else None
 
 
 def _timings(result: dict) -> list[float]:
@@ -498,6 +511,7 @@ COLUMNS = [
     ("router_accuracy", "router task-id acc."),
     ("steps_to_95", "steps to 95% (later tasks)"),
 ]
+CELL_SCALE = {"steps_to_95": (1.0, 0)}  # (scale, digits) where a column is not a share shown in %
 
 
 def this_machine() -> str:
@@ -548,7 +562,7 @@ def write_report(out: Path, benchmark: str, runs: dict[str, list[dict]], budget:
     ]
     for method in methods:
         results = runs[method]
-        cells = [_cell([r.get(key) for r in results]) for key, _ in COLUMNS]
+        cells = [_cell([r.get(key) for r in results], *CELL_SCALE.get(key, ())) for key, _ in COLUMNS]
         wall = _cell([r["train_s_per_task"] for r in results], scale=1.0, digits=0)
         lines.append(
             f"| {method} | {len(results)} | {' | '.join(cells)} | {wall} | {results[0]['bytes_per_task']:,} | "

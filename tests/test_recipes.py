@@ -359,8 +359,13 @@ def test_accuracy_benchmark_runs_every_method_on_the_imagenet_r_protocol(flat_fo
         # each accuracy is a count of the 4 held-out images of a task's 2 classes
         finite = matrix[~np.isnan(matrix)]
         assert np.allclose(finite * 4, np.round(finite * 4)), method
-    assert report["runs"]["hyperlora"][0]["bytes_per_task"] == 32 * 4  # the default 32-d task embedding
-    assert report["runs"]["lora_per_task"][0]["bytes_per_task"] > 0
+    # every task-incremental method stores its task's head (2 classes, weights and bias); HyperLoRA adds its 32-d
+    # task embedding, a LoRA per task its adapter
+    head = report["runs"]["frozen_probe"][0]["bytes_per_task"]
+    assert head % (4 * 2) == 0 and head > 4 * 2
+    assert report["runs"]["hyperlora"][0]["bytes_per_task"] == 32 * 4 + head
+    assert report["runs"]["lora_per_task"][0]["bytes_per_task"] > head
+    assert report["runs"]["lora_sequential"][0]["bytes_per_task"] == head
     assert (out / "accuracy.png").stat().st_size > 0
 
     # runs made apart combine only under the same budget
@@ -436,6 +441,15 @@ def test_accuracy_benchmark_on_the_structured_sequence_reports_frozen_baselines_
     variant.mkdir()
     (variant / "accuracy.json").write_text((out / "accuracy.json").read_text())
     assert accuracy.write_lengths_table(tmp_path) == lengths
+
+
+def test_steps_to_95_is_the_first_step_at_95_percent_of_the_final_accuracy_averaged_over_later_tasks():
+    import accuracy
+
+    first = [[10, 0.2], [20, 1.0]]  # the first task does not count: it inherits nothing
+    later = [[[10, 0.5], [20, 0.96], [30, 1.0]], [[10, 0.76], [20, 0.7], [30, 0.8]]]  # 95%: 0.95 and 0.76
+    assert accuracy.steps_to_95([first, *later]) == 15.0
+    assert accuracy.steps_to_95([first]) is None
 
 
 def test_accuracy_budget_records_the_embedding_learning_rate_only_when_it_is_set():
