@@ -7,6 +7,19 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(*_) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Fused optimizers (AdamW(fused=True), on the CPU and CUDA) update parameters without bumping their version counters,
+# so the weight cache's key counts every optimizer step as well.
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class HypernetOutput:
@@ -268,5 +281,6 @@ class HyperNetwork(nn.Module):
         self.free.clear()
 
     def version(self) -> tuple:
-        """Changes whenever any parameter is replaced or updated in place: the key of the weight cache."""
-        return tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        """Changes whenever any parameter is replaced or updated in place, or any optimizer steps: the key of the
+        weight cache."""
+        return _optimizer_steps, tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
