@@ -72,7 +72,7 @@ from hyperlora.evaluation.baselines import CLASS_INCREMENTAL, FrozenBaselines
 from hyperlora.evaluation.metrics import METRIC_KEYS, continual_metrics
 from hyperlora.files import atomic_write_json, atomic_write_text
 from hyperlora.optim import cosine_schedule
-from hyperlora.structured import relation_matrix, sequence, structured_tasks
+from hyperlora.structured import SEQUENCES, relation_matrix, sequence, structured_tasks
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 from hyperlora.training.step import train_mode
 from hyperlora.tuner.model import default_target_modules
@@ -402,7 +402,11 @@ def build_benchmark(cli: argparse.Namespace, seed: int) -> tuple[list, Setup]:
         setup = Setup(lambda: (imagenet_r_backbone(cli), HyperLoraConfig(), None), **budget_of(cli), device=device)
         return imagenet_r_tasks(cli), setup
     tasks = structured_tasks(
-        cli.num_tasks, seed=seed, train_per_class=cli.train_per_class, test_per_class=cli.test_per_class
+        cli.num_tasks,
+        seed=seed,
+        train_per_class=cli.train_per_class,
+        test_per_class=cli.test_per_class,
+        kind=cli.sequence,
     )
     return tasks, Setup(lambda: build_backbone("efficientnet"), **budget_of(cli), device=device)
 
@@ -420,8 +424,10 @@ def budget_of(cli: argparse.Namespace) -> dict:
 
 
 def data_of(cli: argparse.Namespace) -> dict:
-    """What else two runs must share to be merged: the structured sequence's size."""
-    return {"train_per_class": cli.train_per_class, "test_per_class": cli.test_per_class}
+    """What else two runs must share to be merged: the structured sequence's kind and size (the kind only when it is
+    not the conflict sequence, which every run before the option used)."""
+    kind = {} if cli.sequence == "conflict" else {"sequence": cli.sequence}
+    return kind | {"train_per_class": cli.train_per_class, "test_per_class": cli.test_per_class}
 
 
 def imagenet_r_tasks(cli: argparse.Namespace) -> list:
@@ -703,6 +709,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--embedding_learning_rate", type=float, default=None, help="HyperLoRA's new task embedding (None: lr)"
     )
     structured = parser.add_argument_group("--benchmark structured (hyperlora.structured)")
+    structured.add_argument(
+        "--sequence",
+        choices=SEQUENCES,
+        default="conflict",
+        help="which structured sequence (hyperlora.structured.SEQUENCES); conflict: the committed tables'",
+    )
     structured.add_argument("--train_per_class", type=int, default=200, help="training images per class")
     structured.add_argument("--test_per_class", type=int, default=100, help="test images per class")
     imagenet_r = parser.add_argument_group("--benchmark imagenet_r (recipes/imagenet_r.py's protocol)")
@@ -732,7 +744,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv=None) -> None:
     cli = parse_args(argv)
     name = f"{cli.benchmark}-{cli.num_tasks}"
-    out = Path(cli.output_dir or Path(__file__).parent / "results" / "accuracy" / name)
+    folder = name if cli.benchmark != "structured" or cli.sequence == "conflict" else f"{name}-{cli.sequence}"
+    out = Path(cli.output_dir or Path(__file__).parent / "results" / "accuracy" / folder)
     out.mkdir(parents=True, exist_ok=True)
 
     runs: dict[str, list[dict]] = {}
@@ -752,7 +765,7 @@ def main(argv=None) -> None:
             seeds = {r["seed"] for r in results}
             runs[method] = [r for r in runs.get(method, []) if r["seed"] not in seeds] + results
     if cli.benchmark == "structured":  # the known relations, for relations.py and for the reader
-        specs = sequence(cli.num_tasks)
+        specs = sequence(cli.num_tasks, kind=cli.sequence)
         relations = {"tasks": [spec.name for spec in specs], "relation": relation_matrix(specs).tolist()}
         atomic_write_json(out / "relations.json", relations)
 

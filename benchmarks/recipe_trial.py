@@ -41,6 +41,7 @@ def write_folder(root: Path, args: argparse.Namespace) -> Path:
         train_per_class=args.train_per_class,
         test_per_class=args.test_per_class,
         image_size=args.image_size,
+        kind="conflict",  # the committed trial's sequence
     )
     for task in tasks:
         for split in ("train", "test"):

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         train_per_class=quickstart.train_per_class,
         test_per_class=quickstart.test_per_class,
+        kind="conflict",  # the sequence of the README's results
     )
     if quickstart.real_tasks:
         tasks += real_tasks(args.seed)

@@ -433,7 +433,8 @@ def test_accuracy_benchmark_on_the_structured_sequence_reports_frozen_baselines_
     text = (out / "accuracy.md").read_text()
     joint, lda = report["runs"]["joint"][0]["class_il_faa"], report["runs"]["frozen_lda"][0]["class_il_faa"]
     assert f"{100 * (joint - lda):+.2f} points" in text
-    assert read(out / "relations.json") == {"tasks": ["orientation-d00", "count-d01"], "relation": [[1, 0], [0, 1]]}
+    # the conflict sequence: task 0's distractor colour is task 1's target colour
+    assert read(out / "relations.json") == {"tasks": ["orientation-d00", "count-d01"], "relation": [[1, -1], [-1, 1]]}
 
     lengths = accuracy.write_lengths_table(tmp_path)
     assert lengths is not None and "| 2 | [0] |" in lengths and (tmp_path / "lengths.md").is_file()

@@ -69,6 +69,7 @@ def test_labels_set_the_asked_factor_and_only_it():
     [
         (lambda: sequence(0), "num_tasks"),
         (lambda: sequence(2, ("colour",)), "factors"),
+        (lambda: sequence(2, kind="split"), "kind"),
         (lambda: render("colour", 0, Domain.of(0), np.random.default_rng(0)), "factor"),
         (lambda: render("size", 4, Domain.of(0), np.random.default_rng(0)), "label"),
     ],
@@ -76,3 +77,47 @@ def test_labels_set_the_asked_factor_and_only_it():
 def test_bad_arguments_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_mixed_and_domain_sequences_never_ignore_another_tasks_target_colour():
+    for kind in ("mixed", "domain"):
+        specs = sequence(20, FACTORS, kind=kind)
+        looks = [spec.look for spec in specs]
+        assert {look.target for look in looks}.isdisjoint({look.distractor for look in looks})
+        assert len({(look.background, look.texture, look.target, look.distractor) for look in looks}) == 20
+        assert (relation_matrix(specs) >= 0).all()
+    assert {spec.factor for spec in sequence(6, ("count", "size"), kind="domain")} == {"count"}
+    assert (relation_matrix(sequence(6, ("count", "size"), kind="domain")) == 1).all()
+
+
+def test_the_conflict_sequence_keeps_the_first_colours_and_marks_their_conflicts():
+    specs = sequence(5, kind="conflict")
+    assert [spec.look for spec in specs] == [Domain.of(t) for t in range(5)]
+    R = relation_matrix(specs)
+    for t in range(4):  # each task's distractor colour is the next task's target colour
+        assert specs[t].look.distractor == specs[t + 1].look.target
+        assert R[t, t + 1] == R[t + 1, t] == -1
+    assert np.array_equal(R, R.T) and (np.diag(R) == 1).all()
+
+
+def test_a_validation_split_is_balanced_and_leaves_train_and_test_as_they_were():
+    plain = structured_tasks(2, seed=1, train_per_class=2, test_per_class=2, image_size=32)
+    tasks = structured_tasks(2, seed=1, train_per_class=2, test_per_class=2, validation_per_class=3, image_size=32)
+    for a, b in zip(plain, tasks, strict=True):
+        assert a.validation is None
+        assert np.bincount(b.validation["label"])[b.classes].tolist() == [3] * 4
+        for split in ("train", "test"):
+            assert [np.asarray(i).tolist() for i in getattr(a, split)["image"]] == [
+                np.asarray(i).tolist() for i in getattr(b, split)["image"]
+            ]
+
+
+def test_a_validation_split_with_classes_the_train_split_lacks_is_refused_by_name():
+    from datasets import Dataset
+
+    from hyperlora.data import Task
+
+    task = structured_tasks(1, train_per_class=1, test_per_class=1, validation_per_class=1, image_size=32)[0]
+    wrong = Dataset.from_dict({"image": task.validation["image"][:1], "label": [99]}, features=task.validation.features)
+    with pytest.raises(ValueError, match="validation labels"):
+        Task("t", task.train, task.test, wrong)

@@ -9,6 +9,11 @@ fine-tuned adapter on most factors.
 Every task has a visual *domain* of its own (background colour and texture, target and distractor colours, object
 kind), so that the task can be told from an image, as in DomainNet or ImageNet-R, and its classes are disjoint from
 every other task's. Tasks that ask about the same factor are related by construction (``relation_matrix``).
+
+Sequences (``SEQUENCES``): *mixed* cycles the factors, each task in a new look, and no task's distractor colour is
+another task's target colour; *domain* asks one question in a new look per task, as DomainNet; *conflict* is mixed
+with the colours of the first version, where each task's distractor colour is the next one's target colour (an
+adapter that learnt "attend to yellow" is told "ignore yellow" next): its relation matrix marks those pairs -1.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .tasks import Task
 __all__ = [
     "CLASSES_PER_TASK",
     "FACTORS",
+    "SEQUENCES",
     "SHAPES",
     "Domain",
     "TaskSpec",
@@ -65,6 +71,9 @@ _COLOURS = (
     (120, 250, 120), (250, 150, 60), (170, 140, 250),
 )  # fmt: skip
 _KINDS = ("triangle", "square", "cross", "circle")
+# mixed and domain sequences: targets and distractors from disjoint colours, so that no task ignores another's target
+_TARGET_COLOURS, _DISTRACTOR_COLOURS = _COLOURS[:4], _COLOURS[4:]
+SEQUENCES = ("mixed", "domain", "conflict")
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,21 @@ class Domain:
     target: tuple[int, int, int]
     distractor: tuple[int, int, int]
     kind: str
+
+    @classmethod
+    def separated(cls, index: int) -> Domain:
+        """The index-th look of the mixed and domain sequences: as ``of`` (backgrounds, textures, object kinds), but
+        targets and distractors take disjoint colours, so no look's distractor is another look's target."""
+        legacy = cls.of(index)
+        target = index % len(_TARGET_COLOURS)
+        distractor = (index + index // len(_TARGET_COLOURS)) % len(_DISTRACTOR_COLOURS)
+        return cls(
+            background=legacy.background,
+            texture=legacy.texture,
+            target=_TARGET_COLOURS[target],
+            distractor=_DISTRACTOR_COLOURS[distractor],
+            kind=legacy.kind,
+        )
 
     @classmethod
     def of(cls, index: int) -> Domain:
@@ -94,30 +118,50 @@ class Domain:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One structured task: the factor it asks about, and its domain."""
+    """One structured task: the factor it asks about, its domain's index, and the palette (``Domain.separated``
+    or, for the conflict sequence, ``Domain.of``) that turns the index into a look."""
 
     factor: str
     domain: int
+    palette: str = "separated"
 
     @property
     def name(self) -> str:
         return f"{self.factor}-d{self.domain:02d}"
 
+    @property
+    def look(self) -> Domain:
+        return Domain.of(self.domain) if self.palette == "legacy" else Domain.separated(self.domain)
 
-def sequence(num_tasks: int = 5, factors: tuple[str, ...] = FACTORS[:3]) -> list[TaskSpec]:
-    """The task order: factors in turn, each task in a new domain, so that a factor comes back in another look."""
+
+def sequence(num_tasks: int = 5, factors: tuple[str, ...] = FACTORS[:3], kind: str = "mixed") -> list[TaskSpec]:
+    """The task order of a ``kind`` of sequence (``SEQUENCES``): mixed and conflict ask about the factors in turn,
+    each task in a new domain, so that a factor comes back in another look; domain asks about ``factors[0]`` in
+    every task, each in a new look."""
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
     unknown = sorted(set(factors) - set(FACTORS))
     if unknown or not factors:
         raise ValueError(f"factors must be a non-empty subset of {FACTORS}, got {factors}")
-    return [TaskSpec(factors[t % len(factors)], t) for t in range(num_tasks)]
+    if kind not in SEQUENCES:
+        raise ValueError(f"kind must be one of {SEQUENCES}, got {kind!r}")
+    palette = "legacy" if kind == "conflict" else "separated"
+    asked = factors[:1] if kind == "domain" else factors
+    return [TaskSpec(asked[t % len(asked)], t, palette) for t in range(num_tasks)]
 
 
 def relation_matrix(specs: list[TaskSpec]) -> np.ndarray:
-    """1 where two tasks ask about the same factor (in different domains), 0 where they share nothing."""
+    """1 where two tasks ask about the same factor (in different looks), -1 where one task's target colour is the
+    other's distractor colour (what one learns to attend to, the other learns to ignore), 0 where they share
+    nothing."""
     factors = np.array([spec.factor for spec in specs])
-    return (factors[:, None] == factors[None, :]).astype(float)
+    related = (factors[:, None] == factors[None, :]).astype(float)
+    looks = [spec.look for spec in specs]
+    for i, a in enumerate(looks):
+        for j, b in enumerate(looks):
+            if i != j and (a.target == b.distractor or a.distractor == b.target):
+                related[i, j] = -1.0
+    return related
 
 
 def structured_tasks(
@@ -126,27 +170,31 @@ def structured_tasks(
     seed: int = 0,
     train_per_class: int = 200,
     test_per_class: int = 50,
+    validation_per_class: int = 0,
     image_size: int = 64,
     factors: tuple[str, ...] = FACTORS[:3],
+    kind: str = "mixed",
 ) -> list[Task]:
-    """``num_tasks`` structured tasks of 4 classes each, drawn deterministically from ``seed``.
+    """``num_tasks`` structured tasks of 4 classes each, drawn deterministically from ``seed``: the ``kind`` of
+    sequence (``SEQUENCES``) that ``sequence`` orders.
 
-    Task t asks about ``factors[t % len(factors)]`` in domain t; its labels are ``4t .. 4t+3``, so class sets are
-    disjoint and a class-incremental learner sees 4 new classes per task. See ``relation_matrix(sequence(...))`` for
-    which tasks are related.
+    Task t's labels are ``4t .. 4t+3``, so class sets are disjoint and a class-incremental learner sees 4 new classes
+    per task. See ``relation_matrix(sequence(...))`` for which tasks are related. ``validation_per_class`` > 0 adds a
+    validation split, drawn after the others: choose settings on it, never on the test split.
     """
     return [
         shape_task(
             spec.name,
             spec.factor,
-            Domain.of(spec.domain),
+            spec.look,
             seed=(seed, t),
             train_per_class=train_per_class,
             test_per_class=test_per_class,
+            validation_per_class=validation_per_class,
             image_size=image_size,
             first_label=CLASSES_PER_TASK * t,
         )
-        for t, spec in enumerate(sequence(num_tasks, factors))
+        for t, spec in enumerate(sequence(num_tasks, factors, kind))
     ]
 
 
@@ -158,6 +206,7 @@ def shape_task(
     seed=0,
     train_per_class: int = 200,
     test_per_class: int = 50,
+    validation_per_class: int = 0,
     image_size: int = 64,
     first_label: int = 0,
 ) -> Task:
@@ -169,13 +218,20 @@ def shape_task(
     features = Features({"image": ImageFeature(), "label": Value("int64")})
     rng = np.random.default_rng(seed)
     splits = {}
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+    # validation last: the train and test images stay those of the same seed without one
+    for split, per_class in (
+        ("train", train_per_class),
+        ("test", test_per_class),
+        ("validation", validation_per_class),
+    ):
+        if per_class == 0 and split == "validation":
+            break
         labels = rng.permutation(np.repeat(np.arange(CLASSES_PER_TASK), per_class))
         images = [render(factor, int(label), domain, rng, image_size) for label in labels]
         splits[split] = Dataset.from_dict(
             {"image": images, "label": (labels + first_label).tolist()}, features=features
         )
-    return Task(name, splits["train"], splits["test"])
+    return Task(name, splits["train"], splits["test"], splits.get("validation"))
 
 
 # --- drawing ---------------------------------------------------------------------------------------------------------

@@ -16,15 +16,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Task:
-    """One step of a continual sequence: a train and a test ``datasets.Dataset`` with ``image`` and ``label``."""
+    """One step of a continual sequence: a train and a test ``datasets.Dataset`` with ``image`` and ``label``, and
+    optionally a validation one (where settings are chosen, so that the test split is only ever reported)."""
 
     name: str
     train: object
     test: object
+    validation: object | None = None
     classes: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        for split, dataset in (("train", self.train), ("test", self.test)):
+        splits = (("train", self.train), ("test", self.test), ("validation", self.validation))
+        for split, dataset in splits:
+            if dataset is None and split == "validation":
+                continue
             columns = getattr(dataset, "column_names", None)
             if columns is None or "image" not in columns or "label" not in columns:
                 raise ValueError(
@@ -34,9 +39,12 @@ class Task:
             if len(dataset) == 0:
                 raise ValueError(f"task {self.name!r}: the {split} split is empty")
         self.classes = sorted(set(_labels(self.train, f"task {self.name!r}: the train split")))
-        unknown = sorted(set(_labels(self.test, f"task {self.name!r}: the test split")) - set(self.classes))
-        if unknown:
-            raise ValueError(f"task {self.name!r}: test labels {unknown[:10]} never occur in the train split")
+        for split, dataset in splits[1:]:
+            if dataset is None:
+                continue
+            unknown = sorted(set(_labels(dataset, f"task {self.name!r}: the {split} split")) - set(self.classes))
+            if unknown:
+                raise ValueError(f"task {self.name!r}: {split} labels {unknown[:10]} never occur in the train split")
         if len(self.classes) < 2:
             raise ValueError(f"task {self.name!r}: needs at least 2 classes, the train split has {self.classes}")
 
