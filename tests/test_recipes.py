@@ -529,3 +529,20 @@ def test_scale_benchmark_times_the_estimator_it_is_given():
     assert scale.measure(2, scale.parse_args(quick))["h_score_features"] == "lda"  # the library default
     row = scale.measure(2, scale.parse_args([*quick, "--h_score_features", "head"]))
     assert row["h_score_features"] == "head" and row["h_embedding_s"] > 0
+
+
+def test_transfer_benchmark_compares_each_related_later_task_from_scratch_and_from_its_old_task(tmp_path):
+    """benchmarks/transfer.py: plain LoRA, tiny; each later task of the mixed sequence that asks an earlier task's
+    question starts once more from that task's adapter, and the difference is read on validation images."""
+    import transfer
+
+    result = transfer.main(["--sequence", "mixed", "--num_tasks", "4", "--seeds", "0", "--train_per_class", "4",
+                            "--later_train_per_class", "2", "--validation_per_class", "2", "--num_train_epochs", "1",
+                            "--output_dir", str(tmp_path)])  # fmt: skip
+    rows = result["runs"][0]
+    assert [(row["task"], row["source"]) for row in rows] == [(3, 0)]  # orientation, count, size, orientation
+    for row in rows:
+        assert row["transfer"] == pytest.approx(100 * (row["from_source"] - row["scratch"]))
+        assert np.isclose(row["scratch"] * 8, round(row["scratch"] * 8))  # of 2 validation images x 4 classes
+    assert result["forward_transfer_lora"]["mean"] == pytest.approx(rows[0]["transfer"])
+    assert (tmp_path / "transfer-mixed-orientation-count-size-4.md").is_file()
