@@ -20,6 +20,7 @@ from hyperlora.data import Task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 from hyperlora.training import TrainerCallback
 from hyperlora.training.reporting import tracker_config
+from hyperlora.training.step import TaskStep
 
 
 def _images(rng: np.random.Generator, label: int, count: int, size: int = 16) -> list[PILImage.Image]:
@@ -505,6 +506,21 @@ def test_a_resume_from_a_damaged_checkpoint_is_refused_by_file_name_and_writes_n
             assert snapshot(tmp_path) == before
         (checkpoint / name).write_bytes(intact)
     ContinualTrainer(tiny_vit(), config(), arguments(tmp_path, resume_from_checkpoint=True)).check_resume(tasks[:1])
+
+
+def test_guidance_is_logged_over_each_guided_task_without_changing_training(tmp_path, tasks, monkeypatch):
+    """metrics.json's ``guidance``: [step, L_emb, norm of beta_emb * grad L_emb on the hypernetwork] at the first step
+    and every tenth of each task that has an H-embedding (not the first task)."""
+    results = run(tmp_path / "logged", tasks[:2])  # max_steps_per_task 3: steps 1, 2 and 3
+    guidance = json.loads((tmp_path / "logged" / "metrics.json").read_text())["guidance"]
+    assert guidance == results["guidance"]
+    assert guidance[0] == [] and [step for step, _, _ in guidance[1]] == [1, 2, 3]
+    for _, loss, norm in guidance[1]:
+        assert 0.0 <= loss <= 2.0 and np.isfinite(norm) and norm > 0  # 1 - cos, and a gradient that acts
+    monkeypatch.setattr(TaskStep, "guidance_probe", lambda self: None)
+    unlogged = run(tmp_path / "unlogged", tasks[:2])
+    assert unlogged["guidance"] == [[], []]
+    assert unlogged["accuracy_matrix"] == results["accuracy_matrix"]  # the probe reads, it never trains
 
 
 def test_learning_curves_end_at_each_tasks_accuracy_after_training(tmp_path, tasks):

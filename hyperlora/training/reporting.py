@@ -105,6 +105,7 @@ def run_results(state: RunState, config: HyperLoraConfig) -> dict[str, Any]:
         gamma=state.gamma,
         h_embedding_rank_correlation=state.h_embedding_rank_correlation,
         learning_curves=state.learning_curves,
+        guidance=state.guidance,
         fwt_start=state.fwt_start,
         fwt_baseline=state.fwt_baseline,
         evaluated_samples=state.evaluated_samples,

@@ -24,6 +24,7 @@ class RunState:
     h_scores: Matrix
     h_embeddings: list[list[float] | None]
     learning_curves: list[list[list[float]]]  # per task, [step, test accuracy] pairs
+    guidance: list[list[list[float]]]  # per task, [step, guidance loss, its weighted gradient norm on the hypernet]
     gamma: Row
     consistency_ratio: Row
     h_embedding_rank_correlation: Row
@@ -52,6 +53,7 @@ class RunState:
             h_scores=[row() for _ in range(n)],
             h_embeddings=[None] * n,
             learning_curves=[[] for _ in range(n)],
+            guidance=[[] for _ in range(n)],
             gamma=row(),
             consistency_ratio=row(),
             h_embedding_rank_correlation=row(),
@@ -72,6 +74,7 @@ class RunState:
     def from_json(cls, saved: dict[str, Any]) -> RunState:
         """The state a checkpoint's state.json holds (JSON stores NaN as null: the numeric tables get NaN back)."""
         known = {f.name for f in fields(cls)}
+        saved = {"guidance": [[] for _ in saved["task_names"]]} | saved  # checkpoints from before the guidance log
         state = cls(**{key: value for key, value in saved.items() if key in known})
         for name in ("task_il", "class_il", "h_scores"):
             setattr(state, name, [_nan_row(row) for row in getattr(state, name)])

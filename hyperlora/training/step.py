@@ -84,6 +84,19 @@ class TaskStep(nn.Module):
         loss = ce + self.config.beta_reg * losses.get("reg", 0.0) + self.beta_emb * losses.get("emb", 0.0)
         return loss, {k: v.detach() for k, v in losses.items()}
 
+    def guidance_probe(self) -> tuple[float, float] | None:
+        """The guidance loss now and the norm of its weighted gradient on the hypernetwork, without touching any
+        ``.grad``: logged over the task, so that a guidance its own fresh decoder satisfies is seen to stop acting.
+        None when the task has no guidance."""
+        if self.decoder is None:
+            return None
+        hypernet = self.model.base_model.hypernet
+        hidden = hypernet.hidden(hypernet.stacked_task_embeddings([self.t])).float()
+        loss = guidance_loss(self.decoder, hidden, self.h_embedding)
+        params = [p for p in hypernet.parameters() if p.requires_grad]
+        grads = [g for g in torch.autograd.grad(self.beta_emb * loss, params, allow_unused=True) if g is not None]
+        return loss.item(), torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
     def release(self) -> None:
         """The task is trained: its heads' free parts go back into their weights."""
         self.model.base_model.hypernet.release_tasks()

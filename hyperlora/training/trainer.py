@@ -41,6 +41,8 @@ from .reporting import Progress, run_results, summary_table, tracker_config, wri
 from .state import RunState
 from .step import TaskStep, create_optimizer, train_mode, training_step
 
+GUIDANCE_POINTS = 10  # guidance loss and gradient logged this many times per task (and at its first step)
+
 
 class ContinualTrainer:
     """Train a HyperLoRA model on tasks one after another; see ``fit``. ``callbacks`` run between tasks
@@ -252,6 +254,9 @@ class ContinualTrainer:
         args, accelerator = self.args, self.accelerator
         bar = self.progress.bar(total=total, desc=f"task {t} ({task.name})", leave=False)
         curve_steps = {math.ceil(total * k / args.eval_curve_points) for k in range(1, args.eval_curve_points + 1)}
+        # the guidance's loss and gradient at the first step and every tenth of the task
+        guidance_steps = {1} | {math.ceil(total * k / GUIDANCE_POINTS) for k in range(1, GUIDANCE_POINTS + 1)}
+        task_step = accelerator.unwrap_model(step_module)
         curve = []
         step = 0
         while step < total:
@@ -276,6 +281,8 @@ class ContinualTrainer:
                     self.progress.log_step(t, task, step, total, values, lr)
                 if step in curve_steps:
                     curve.append([step, self.evaluator.task_accuracy(t, task, head)])
+                if step in guidance_steps and (probe := task_step.guidance_probe()) is not None:
+                    state.guidance[t].append([step, *probe])
                 for callback in self.callbacks:
                     callback.on_step_end(self, t, step, state)
                 if step >= total:
