@@ -9,6 +9,7 @@ difference of the two runs' accuracies on the task's *validation* images, in poi
 The same budget and optimizer as accuracy.py's ``lora_per_task`` (AdamW, cosine schedule, grad-norm clip 1).
 
     python benchmarks/transfer.py --sequence domain --seeds 0 1 2
+    python benchmarks/transfer.py --sequence split --merge a.json b.json  # seeds run in separate processes
 
 Writes transfer-<sequence>-<factors>-<tasks>.json and .md under ``--output_dir`` (benchmarks/results/guidance by
 default): per seed and later task, both accuracies and the transfer; the mean over tasks and seeds, with its std
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +33,15 @@ from torch import nn
 from hyperlora.cli import parse
 from hyperlora.demo import build_backbone
 from hyperlora.files import atomic_write_json, atomic_write_text
-from hyperlora.structured import CLASSES_PER_TASK, FACTORS, SEQUENCES, relation_matrix, sequence, shape_task
+from hyperlora.structured import (
+    CLASSES_PER_TASK,
+    FACTORS,
+    SEQUENCES,
+    SPLIT_FACTOR,
+    relation_matrix,
+    sequence,
+    shape_task,
+)
 
 
 def sequence_tasks(kind: str, num_tasks: int, seed: int, args: argparse.Namespace) -> tuple[list, np.ndarray]:
@@ -111,12 +121,12 @@ def summary(runs: dict[int, list[dict]]) -> dict:
     }
 
 
-def report(kind: str, args: argparse.Namespace, runs: dict[int, list[dict]], argv: list[str] | None) -> str:
+def report(kind: str, args: argparse.Namespace, runs: dict[int, list[dict]], commands: list[str], machine: str) -> str:
     total = summary(runs)
     lines = [
         f"# Forward transfer of PEFT LoRA on the {kind} sequence ({args.num_tasks} tasks)",
         "",
-        f"Command: `python benchmarks/transfer.py {' '.join(argv or [])}`. Machine: {this_machine()}. Budget: "
+        f"Command: {'; '.join(f'`{command}`' for command in commands)}. Machine: {machine}. Budget: "
         f"{args.num_train_epochs} epochs, {args.train_per_class} training images per class for the first task and "
         f"{args.later_train_per_class} for later ones, learning rate {args.learning_rate} (heads "
         f"{args.head_learning_rate}), batch {args.per_device_train_batch_size}. Accuracy on "
@@ -156,7 +166,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--head_learning_rate", type=float, default=1e-2)
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results" / "guidance"))
+    parser.add_argument("--merge", nargs="+", help="only combine these transfer JSON files (seeds run apart)")
     return parse(parser, argv)
+
+
+def setting(args: argparse.Namespace) -> dict:
+    """What two runs must share to be merged."""
+    keys = ("sequence", "num_tasks", "factors", "train_per_class", "later_train_per_class", "validation_per_class",
+            "num_train_epochs", "per_device_train_batch_size", "learning_rate", "head_learning_rate")  # fmt: skip
+    return {key: getattr(args, key) for key in keys}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,14 +182,25 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    asked = args.factors[0] if args.sequence == "domain" else "-".join(args.factors)
+    asked = {"domain": args.factors[0], "split": SPLIT_FACTOR}.get(args.sequence, "-".join(args.factors))
     name = f"transfer-{args.sequence}-{asked}-{args.num_tasks}"
-    runs = {seed: run_seed(args.sequence, seed, args) for seed in args.seeds}
-    result = {"sequence": args.sequence, "argv": argv, "machine": this_machine(), "runs": runs} | {
+    runs, commands, machines = {}, [], []
+    for source in args.merge or []:
+        previous = json.loads(Path(source).read_text())
+        if previous["setting"] != setting(args):
+            raise SystemExit(f"{source} was run with {previous['setting']}, not {setting(args)}")
+        runs |= {int(seed): rows for seed, rows in previous["runs"].items()}
+        commands += previous["commands"]
+        machines += [previous["machine"]] if previous["machine"] not in machines else []
+    if not args.merge:
+        runs = {seed: run_seed(args.sequence, seed, args) for seed in args.seeds}
+        commands, machines = [" ".join(["python benchmarks/transfer.py", *argv])], [this_machine()]
+    runs = dict(sorted(runs.items()))
+    result = {"setting": setting(args), "commands": commands, "machine": "; ".join(machines), "runs": runs} | {
         "forward_transfer_lora": summary(runs)
     }
     atomic_write_json(out / f"{name}.json", result)
-    text = report(args.sequence, args, runs, argv)
+    text = report(args.sequence, args, runs, commands, result["machine"])
     atomic_write_text(out / f"{name}.md", text)
     print(text)
     return result

@@ -546,3 +546,16 @@ def test_transfer_benchmark_compares_each_related_later_task_from_scratch_and_fr
         assert np.isclose(row["scratch"] * 8, round(row["scratch"] * 8))  # of 2 validation images x 4 classes
     assert result["forward_transfer_lora"]["mean"] == pytest.approx(rows[0]["transfer"])
     assert (tmp_path / "transfer-mixed-orientation-count-size-4.md").is_file()
+
+    # seeds run apart combine, only under the same setting
+    tiny = ["--sequence", "split", "--num_tasks", "2", "--train_per_class", "2", "--later_train_per_class", "2",
+            "--validation_per_class", "1", "--num_train_epochs", "1"]  # fmt: skip
+    files = []
+    for seed in (0, 1):
+        transfer.main([*tiny, "--seeds", str(seed), "--output_dir", str(tmp_path / f"seed{seed}")])
+        files.append(str(tmp_path / f"seed{seed}" / "transfer-split-glyph-2.json"))
+    merged = transfer.main([*tiny, "--merge", *files, "--output_dir", str(tmp_path / "merged")])
+    assert sorted(merged["runs"]) == [0, 1] and len(merged["commands"]) == 2
+    assert merged["forward_transfer_lora"]["seeds"] == 2
+    with pytest.raises(SystemExit, match="was run with"):
+        transfer.main([*tiny, "--later_train_per_class", "3", "--merge", *files, "--output_dir", str(tmp_path)])

@@ -69,7 +69,9 @@ def test_labels_set_the_asked_factor_and_only_it():
     [
         (lambda: sequence(0), "num_tasks"),
         (lambda: sequence(2, ("colour",)), "factors"),
-        (lambda: sequence(2, kind="split"), "kind"),
+        (lambda: sequence(2, kind="random"), "kind"),
+        (lambda: sequence(21, kind="split"), "glyphs for 20 tasks"),
+        (lambda: render("glyph", 83, Domain.of(0), np.random.default_rng(0)), "label"),
         (lambda: render("colour", 0, Domain.of(0), np.random.default_rng(0)), "factor"),
         (lambda: render("size", 4, Domain.of(0), np.random.default_rng(0)), "label"),
     ],
@@ -121,3 +123,21 @@ def test_a_validation_split_with_classes_the_train_split_lacks_is_refused_by_nam
     wrong = Dataset.from_dict({"image": task.validation["image"][:1], "label": [99]}, features=task.validation.features)
     with pytest.raises(ValueError, match="validation labels"):
         Task("t", task.train, task.test, wrong)
+
+
+def test_the_split_sequence_asks_one_question_in_one_look_with_new_glyphs_per_task():
+    specs = sequence(20, kind="split")
+    assert len({spec.look for spec in specs}) == 1 and (relation_matrix(specs) == 1).all()
+    glyphs = [value for spec in specs for value in spec.values]
+    assert len(glyphs) == len(set(glyphs)) == 80  # class-incremental: every task brings four glyphs never seen
+    tasks = structured_tasks(2, kind="split", train_per_class=2, test_per_class=1, image_size=32)
+    assert [task.name for task in tasks] == ["glyph-d00-s00", "glyph-d00-s01"]
+    assert [task.classes for task in tasks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # the label decides the target glyph: the target-coloured ink differs between two classes drawn alike
+    domain = specs[0].look
+    ink = [
+        np.abs(np.asarray(render("glyph", value, domain, np.random.default_rng(0))).astype(int) - domain.target).sum(-1)
+        < 60
+        for value in specs[0].values[:2]
+    ]
+    assert ink[0].any() and ink[1].any() and (ink[0] != ink[1]).any()

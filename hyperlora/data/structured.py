@@ -18,19 +18,23 @@ adapter that learnt "attend to yellow" is told "ignore yellow" next): its relati
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .tasks import Task
 
 __all__ = [
     "CLASSES_PER_TASK",
     "FACTORS",
+    "GLYPHS",
     "SEQUENCES",
     "SHAPES",
+    "SPLIT_FACTOR",
     "Domain",
     "TaskSpec",
     "relation_matrix",
@@ -73,7 +77,14 @@ _COLOURS = (
 _KINDS = ("triangle", "square", "cross", "circle")
 # mixed and domain sequences: targets and distractors from disjoint colours, so that no task ignores another's target
 _TARGET_COLOURS, _DISTRACTOR_COLOURS = _COLOURS[:4], _COLOURS[4:]
-SEQUENCES = ("mixed", "domain", "conflict")
+SEQUENCES = ("mixed", "domain", "split", "conflict")
+# The split sequence's question, "which symbol is the target?", over a vocabulary large enough for 20 four-class
+# tasks: letters, digits and signs of Pillow's default font that do not look alike upright, then mirror images of
+# those that are not symmetric. Its classes go to tasks in a fixed shuffled order, as CIFAR-100's splits do.
+SPLIT_FACTOR = "glyph"
+_GLYPH_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789abdefghmnqrty#$%&@?+=*!{}[]^~"
+GLYPHS = tuple((char, False) for char in _GLYPH_CHARS) + tuple((char, True) for char in "BCDEFGJKLNPQRSZ2345679")
+_GLYPH_ORDER = tuple(int(i) for i in np.random.default_rng(1993).permutation(len(GLYPHS)))
 
 
 @dataclass(frozen=True)
@@ -124,10 +135,19 @@ class TaskSpec:
     factor: str
     domain: int
     palette: str = "separated"
+    split: int = 0  # the split sequence's share of the glyph vocabulary
 
     @property
     def name(self) -> str:
-        return f"{self.factor}-d{self.domain:02d}"
+        suffix = f"-s{self.split:02d}" if self.factor == SPLIT_FACTOR else ""
+        return f"{self.factor}-d{self.domain:02d}{suffix}"
+
+    @property
+    def values(self) -> tuple[int, ...]:
+        """The factor's values that the task's four classes are (glyph indices for the split sequence)."""
+        if self.factor == SPLIT_FACTOR:
+            return _GLYPH_ORDER[CLASSES_PER_TASK * self.split : CLASSES_PER_TASK * (self.split + 1)]
+        return tuple(range(CLASSES_PER_TASK))
 
     @property
     def look(self) -> Domain:
@@ -137,9 +157,15 @@ class TaskSpec:
 def sequence(num_tasks: int = 5, factors: tuple[str, ...] = FACTORS[:3], kind: str = "mixed") -> list[TaskSpec]:
     """The task order of a ``kind`` of sequence (``SEQUENCES``): mixed and conflict ask about the factors in turn,
     each task in a new domain, so that a factor comes back in another look; domain asks about ``factors[0]`` in
-    every task, each in a new look."""
+    every task, each in a new look; split asks which glyph the target is, in one look, four new glyphs per task
+    (``factors`` unused)."""
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    if kind == "split":
+        most = len(GLYPHS) // CLASSES_PER_TASK
+        if num_tasks > most:
+            raise ValueError(f"the split sequence has glyphs for {most} tasks, got num_tasks={num_tasks}")
+        return [TaskSpec(SPLIT_FACTOR, 0, split=t) for t in range(num_tasks)]
     unknown = sorted(set(factors) - set(FACTORS))
     if unknown or not factors:
         raise ValueError(f"factors must be a non-empty subset of {FACTORS}, got {factors}")
@@ -193,6 +219,7 @@ def structured_tasks(
             validation_per_class=validation_per_class,
             image_size=image_size,
             first_label=CLASSES_PER_TASK * t,
+            values=spec.values,
         )
         for t, spec in enumerate(sequence(num_tasks, factors, kind))
     ]
@@ -209,9 +236,10 @@ def shape_task(
     validation_per_class: int = 0,
     image_size: int = 64,
     first_label: int = 0,
+    values: Sequence[int] = tuple(range(CLASSES_PER_TASK)),
 ) -> Task:
-    """One task asking about ``factor`` in ``domain`` (any colours), labels ``first_label .. first_label + 3``;
-    ``seed`` is anything ``numpy.random.default_rng`` takes."""
+    """One task asking about ``factor`` in ``domain`` (any colours), labels ``first_label .. first_label + 3`` for
+    the factor's ``values``; ``seed`` is anything ``numpy.random.default_rng`` takes."""
     from datasets import Dataset, Features, Value
     from datasets import Image as ImageFeature
 
@@ -227,7 +255,7 @@ def shape_task(
         if per_class == 0 and split == "validation":
             break
         labels = rng.permutation(np.repeat(np.arange(CLASSES_PER_TASK), per_class))
-        images = [render(factor, int(label), domain, rng, image_size) for label in labels]
+        images = [render(factor, values[label], domain, rng, image_size) for label in labels]
         splits[split] = Dataset.from_dict(
             {"image": images, "label": (labels + first_label).tolist()}, features=features
         )
@@ -249,19 +277,19 @@ class _Object:
 
 def render(factor: str, label: int, domain: Domain, rng: np.random.Generator, size: int = 64) -> Image.Image:
     """One image whose target has ``label`` for ``factor``; everything else about it is drawn at random."""
-    if factor not in FACTORS:
-        raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
-    if not 0 <= label < CLASSES_PER_TASK:
-        raise ValueError(f"label must be in 0..{CLASSES_PER_TASK - 1}, got {label}")
+    if factor not in (*FACTORS, SPLIT_FACTOR):
+        raise ValueError(f"factor must be one of {(*FACTORS, SPLIT_FACTOR)}, got {factor!r}")
+    levels = len(GLYPHS) if factor == SPLIT_FACTOR else CLASSES_PER_TASK
+    if not 0 <= label < levels:
+        raise ValueError(f"label must be in 0..{levels - 1} for {factor}, got {label}")
     scale = size / 64.0  # geometry is designed on a 64 px canvas
     while True:
         objects = _scene(factor, label, domain, rng)
         if objects is not None:
             break
     canvas = _background(domain, rng, size * _SUPERSAMPLE)
-    draw = ImageDraw.Draw(canvas)
     for obj in objects:
-        _draw(draw, obj, scale * _SUPERSAMPLE)
+        _draw(canvas, obj, scale * _SUPERSAMPLE)
     return canvas.resize((size, size), Image.LANCZOS)
 
 
@@ -291,6 +319,8 @@ def _scene(factor: str, label: int, domain: Domain, rng: np.random.Generator) ->
         ok = put(kind, radius, domain.target, x=radius + 1 + width * (label + rng.uniform(0.1, 0.9)))
     elif factor == "shape":
         ok = put(SHAPES[label], radius, domain.target)
+    elif factor == SPLIT_FACTOR:
+        ok = put(f"glyph{label}", radius, domain.target)
     else:  # count
         ok = all(put(kind, rng.uniform(4.5, 6.5), domain.target) for _ in range(label + 1))
     if not ok:
@@ -298,6 +328,11 @@ def _scene(factor: str, label: int, domain: Domain, rng: np.random.Generator) ->
     for _ in range(rng.integers(1, 4)):
         radius = rng.uniform(4.5, 6.5) if factor == "count" else rng.uniform(4.5, 12.0)
         distractor_kind = SHAPES[rng.integers(len(SHAPES))] if factor == "shape" else kind
+        if factor == SPLIT_FACTOR:  # another glyph of the vocabulary, the target's size
+            radius, distractor_kind = (
+                rng.uniform(6.0, 10.0),
+                f"glyph{(label + rng.integers(1, len(GLYPHS))) % len(GLYPHS)}",
+            )
         put(distractor_kind, radius + (2 if distractor_kind == "bar" else 0), domain.distractor)
     return placed
 
@@ -317,7 +352,22 @@ def _background(domain: Domain, rng: np.random.Generator, size: int) -> Image.Im
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: _Object, scale: float) -> None:
+@functools.cache
+def _glyph_mask(index: int, size: int) -> Image.Image:
+    """The index-th glyph as a square ink mask of ``size`` pixels, mirrored where the vocabulary says."""
+    char, mirrored = GLYPHS[index]
+    mask = Image.new("L", (size, size))
+    ImageDraw.Draw(mask).text((size / 2, size / 2), char, font=ImageFont.load_default(size=size), fill=255, anchor="mm")
+    return mask.transpose(Image.FLIP_LEFT_RIGHT) if mirrored else mask
+
+
+def _draw(canvas: Image.Image, obj: _Object, scale: float) -> None:
+    draw = ImageDraw.Draw(canvas)
+    if obj.kind.startswith("glyph"):
+        size = round(2.5 * obj.radius * scale)  # the ink of a glyph fills about two thirds of its font size
+        corner = (round(obj.x * scale - size / 2), round(obj.y * scale - size / 2))
+        canvas.paste(obj.colour, (*corner, corner[0] + size, corner[1] + size), _glyph_mask(int(obj.kind[5:]), size))
+        return
     if obj.kind == "circle":
         r = 0.8 * obj.radius
         box = [(obj.x - r) * scale, (obj.y - r) * scale, (obj.x + r) * scale, (obj.y + r) * scale]
