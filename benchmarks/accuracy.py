@@ -406,6 +406,7 @@ def build_benchmark(cli: argparse.Namespace, seed: int) -> tuple[list, Setup]:
         seed=seed,
         train_per_class=cli.train_per_class,
         test_per_class=cli.test_per_class,
+        later_train_per_class=cli.later_train_per_class,
         kind=cli.sequence,
     )
     return tasks, Setup(lambda: build_backbone("efficientnet"), **budget_of(cli), device=device)
@@ -424,10 +425,12 @@ def budget_of(cli: argparse.Namespace) -> dict:
 
 
 def data_of(cli: argparse.Namespace) -> dict:
-    """What else two runs must share to be merged: the structured sequence's kind and size (the kind only when it is
-    not the conflict sequence, which every run before the option used)."""
+    """What else two runs must share to be merged: the structured sequence's kind and size (the kind and the later
+    tasks' size only where they are not the conflict sequence and the first task's size, as in every run before
+    those options)."""
     kind = {} if cli.sequence == "conflict" else {"sequence": cli.sequence}
-    return kind | {"train_per_class": cli.train_per_class, "test_per_class": cli.test_per_class}
+    later = {} if cli.later_train_per_class is None else {"later_train_per_class": cli.later_train_per_class}
+    return kind | {"train_per_class": cli.train_per_class, "test_per_class": cli.test_per_class} | later
 
 
 def imagenet_r_tasks(cli: argparse.Namespace) -> list:
@@ -716,6 +719,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which structured sequence (hyperlora.structured.SEQUENCES); conflict: the committed tables'",
     )
     structured.add_argument("--train_per_class", type=int, default=200, help="training images per class")
+    structured.add_argument(
+        "--later_train_per_class", type=int, default=None, help="each task's after the first (None: the same)"
+    )
     structured.add_argument("--test_per_class", type=int, default=100, help="test images per class")
     imagenet_r = parser.add_argument_group("--benchmark imagenet_r (recipes/imagenet_r.py's protocol)")
     imagenet_r.add_argument(

@@ -141,3 +141,12 @@ def test_the_split_sequence_asks_one_question_in_one_look_with_new_glyphs_per_ta
         for value in specs[0].values[:2]
     ]
     assert ink[0].any() and ink[1].any() and (ink[0] != ink[1]).any()
+
+
+def test_later_tasks_can_bring_fewer_images_and_the_first_stays_as_it_was():
+    full = structured_tasks(2, seed=2, train_per_class=3, test_per_class=1, image_size=32)
+    fewer = structured_tasks(2, seed=2, train_per_class=3, test_per_class=1, later_train_per_class=1, image_size=32)
+    assert [len(task.train) for task in fewer] == [12, 4]
+    assert [np.asarray(i).tolist() for i in full[0].train["image"]] == [
+        np.asarray(i).tolist() for i in fewer[0].train["image"]
+    ]

@@ -197,6 +197,7 @@ def structured_tasks(
     train_per_class: int = 200,
     test_per_class: int = 50,
     validation_per_class: int = 0,
+    later_train_per_class: int | None = None,
     image_size: int = 64,
     factors: tuple[str, ...] = FACTORS[:3],
     kind: str = "mixed",
@@ -207,14 +208,17 @@ def structured_tasks(
     Task t's labels are ``4t .. 4t+3``, so class sets are disjoint and a class-incremental learner sees 4 new classes
     per task. See ``relation_matrix(sequence(...))`` for which tasks are related. ``validation_per_class`` > 0 adds a
     validation split, drawn after the others: choose settings on it, never on the test split.
+    ``later_train_per_class`` gives every task after the first that many training images per class (later tasks
+    bringing few images, where what a task inherits matters most).
     """
+    later = train_per_class if later_train_per_class is None else later_train_per_class
     return [
         shape_task(
             spec.name,
             spec.factor,
             spec.look,
             seed=(seed, t),
-            train_per_class=train_per_class,
+            train_per_class=train_per_class if t == 0 else later,
             test_per_class=test_per_class,
             validation_per_class=validation_per_class,
             image_size=image_size,
