@@ -561,7 +561,8 @@ def write_report(out: Path, benchmark: str, runs: dict[str, list[dict]], budget:
         f"# {benchmark}: accuracy (%, mean ± std over seeds {seeds})",
         "",
         f"Machine: {machine}; {summary['date']}. Command: `python benchmarks/accuracy.py --benchmark "
-        f"{benchmark.split('-')[0]} {_task_flag(benchmark)}--seeds {' '.join(map(str, seeds))}`. Budget: {budget}. "
+        f"{benchmark.split('-')[0]} {_task_flag(benchmark)}{_data_flags(budget)}--seeds {' '.join(map(str, seeds))}`. "
+        f"Budget: {budget}. "
         "Task-incremental unless marked class-IL; class-IL FAA is the accuracy over every class's test images.",
         "",
         "| method | seeds | "
@@ -583,6 +584,11 @@ def write_report(out: Path, benchmark: str, runs: dict[str, list[dict]], budget:
     atomic_write_text(out / "accuracy.md", text)
     _plot(out / "accuracy.png", benchmark, {m: runs[m] for m in methods})
     return text
+
+
+def _data_flags(budget: dict) -> str:
+    """The structured options a run was made with where they are not the defaults (``data_of``)."""
+    return "".join(f"--{key} {budget[key]} " for key in ("sequence", "later_train_per_class") if key in budget)
 
 
 def _task_flag(benchmark: str) -> str:
