@@ -146,14 +146,14 @@ def operator_table(rows: dict[int, dict[str, int]]) -> list[str]:
     return lines
 
 
-def extra_breakdown(depth: int = 12) -> dict[str, int]:
-    """Where HyperLoRA's extra calls go: the step's hypernetwork pass, the extra without either loss, and what each
-    loss adds (the extra with it minus the extra without it)."""
-    full = step_operator_calls(depth=depth)
+def extra_breakdown(full: dict[str, int], **model) -> dict[str, int]:
+    """Where HyperLoRA's extra calls go, from ``full`` (``step_operator_calls(**model)`` with both losses): the
+    step's hypernetwork pass, the extra without either loss, and what each loss adds (the extra with it minus the
+    extra without it)."""
     return {
         "extra": full["extra"],
         "hypernet_pass": full["hypernet_pass"],
-        "without_losses": step_operator_calls(depth=depth, regulariser=False, guidance=False)["extra"],
-        "regulariser": full["extra"] - step_operator_calls(depth=depth, regulariser=False)["extra"],
-        "guidance": full["extra"] - step_operator_calls(depth=depth, guidance=False)["extra"],
+        "without_losses": step_operator_calls(**model, regulariser=False, guidance=False)["extra"],
+        "regulariser": full["extra"] - step_operator_calls(**model, regulariser=False)["extra"],
+        "guidance": full["extra"] - step_operator_calls(**model, guidance=False)["extra"],
     }

@@ -464,15 +464,14 @@ def markdown(result: dict) -> str:
         "",
         *operator_table({int(depth): c for depth, c in result["operator_calls"].items()}),
     ]
-    if "operator_breakdown" in result:
-        parts = result["operator_breakdown"]
-        lines += [
-            "",
-            f"Where the {parts['extra']} extra calls at 12 blocks go: without the output regulariser and the "
-            f"embedding guidance the step makes {parts['without_losses']} extra calls, against its hypernetwork "
-            f"pass's {parts['hypernet_pass']}; the regulariser adds {parts['regulariser']} and the guidance "
-            f"{parts['guidance']}. None of them depends on the number of adapted modules.",
-        ]
+    parts = result["operator_breakdown"]
+    lines += [
+        "",
+        f"Where the {parts['extra']} extra calls at 12 blocks go: without the output regulariser and the "
+        f"embedding guidance the step makes {parts['without_losses']} extra calls, against its hypernetwork "
+        f"pass's {parts['hypernet_pass']}; the regulariser adds {parts['regulariser']} and the guidance "
+        f"{parts['guidance']}. None of them depends on the number of adapted modules.",
+    ]
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -694,7 +693,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     print("operator calls ...", flush=True)
     operator_calls = {str(depth): step_operator_calls(depth=depth) for depth in (12, 6)}
-    operator_breakdown = extra_breakdown(depth=12)
+    operator_breakdown = extra_breakdown(operator_calls["12"], depth=12)  # the same model as that count
     result = {
         "argv": argv,
         "machine": machine(args),

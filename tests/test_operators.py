@@ -29,3 +29,10 @@ def test_multi_tensor_operators_count_once_and_views_not_at_all():
     assert operators.operator_calls(lambda: torch._foreach_mul_(tensors, 2.0)) == 1
     assert operators.operator_calls(lambda: [t.view(3, 1).t() for t in tensors]) == 0
     assert operators.operator_calls(lambda: [t.mul(2.0) for t in tensors]) == 5
+
+
+def test_each_loss_adds_its_own_calls_to_the_extra():
+    model = {"model_name": "vit_tiny_patch16_224", "depth": 2, "num_tasks": 3}
+    parts = operators.extra_breakdown(operators.step_operator_calls(**model), **model)
+    assert parts["regulariser"] > 0 and parts["guidance"] > 0
+    assert parts["without_losses"] < parts["extra"]

@@ -11,7 +11,8 @@ kind), so that the task can be told from an image, as in DomainNet or ImageNet-R
 every other task's. Tasks that ask about the same factor are related by construction (``relation_matrix``).
 
 Sequences (``SEQUENCES``): *mixed* cycles the factors, each task in a new look, and no task's distractor colour is
-another task's target colour; *domain* asks one question in a new look per task, as DomainNet; *conflict* is mixed
+another task's target colour; *domain* asks one question in a new look per task, as DomainNet; *split* asks which
+glyph the target is, in one look, four new glyphs per task, as CIFAR-100's splits; *conflict* is mixed
 with the colours of the first version, where each task's distractor colour is the next one's target colour (an
 adapter that learnt "attend to yellow" is told "ignore yellow" next): its relation matrix marks those pairs -1.
 """
@@ -366,12 +367,12 @@ def _glyph_mask(index: int, size: int) -> Image.Image:
 
 
 def _draw(canvas: Image.Image, obj: _Object, scale: float) -> None:
-    draw = ImageDraw.Draw(canvas)
     if obj.kind.startswith("glyph"):
         size = round(2.5 * obj.radius * scale)  # the ink of a glyph fills about two thirds of its font size
         corner = (round(obj.x * scale - size / 2), round(obj.y * scale - size / 2))
         canvas.paste(obj.colour, (*corner, corner[0] + size, corner[1] + size), _glyph_mask(int(obj.kind[5:]), size))
         return
+    draw = ImageDraw.Draw(canvas)
     if obj.kind == "circle":
         r = 0.8 * obj.radius
         box = [(obj.x - r) * scale, (obj.y - r) * scale, (obj.x + r) * scale, (obj.y + r) * scale]
