@@ -33,39 +33,23 @@ from torch import nn
 from hyperlora.cli import parse
 from hyperlora.demo import build_backbone
 from hyperlora.files import atomic_write_json, atomic_write_text
-from hyperlora.structured import (
-    CLASSES_PER_TASK,
-    FACTORS,
-    SEQUENCES,
-    SPLIT_FACTOR,
-    relation_matrix,
-    sequence,
-    shape_task,
-)
+from hyperlora.structured import FACTORS, SEQUENCES, SPLIT_FACTOR, relation_matrix, sequence, structured_tasks
 
 
-def sequence_tasks(kind: str, num_tasks: int, seed: int, args: argparse.Namespace) -> tuple[list, np.ndarray]:
-    """The sequence's tasks at this benchmark's budget (fewer training images after the first), and its relations."""
-    specs = sequence(num_tasks, tuple(args.factors), kind=kind)
-    tasks = [
-        shape_task(
-            spec.name,
-            spec.factor,
-            spec.look,
-            seed=(seed, t),
-            train_per_class=args.train_per_class if t == 0 else args.later_train_per_class,
-            test_per_class=1,  # never read: choices are made on validation images
-            validation_per_class=args.validation_per_class,
-            first_label=CLASSES_PER_TASK * t,
-        )
-        for t, spec in enumerate(specs)
-    ]
-    return tasks, relation_matrix(specs)
-
-
-def run_seed(kind: str, seed: int, args: argparse.Namespace) -> list[dict]:
+def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     """One row per later task with a related old task: its validation accuracy from scratch and from that task."""
-    tasks, relations = sequence_tasks(kind, args.num_tasks, seed, args)
+    factors = tuple(args.factors)
+    tasks = structured_tasks(
+        args.num_tasks,
+        seed=seed,
+        train_per_class=args.train_per_class,
+        later_train_per_class=args.later_train_per_class,
+        test_per_class=1,  # never read: choices are made on validation images
+        validation_per_class=args.validation_per_class,
+        factors=factors,
+        kind=args.sequence,
+    )
+    relations = relation_matrix(sequence(args.num_tasks, factors, args.sequence))
     setup = Setup(
         lambda: build_backbone("efficientnet"),
         epochs=args.num_train_epochs,
@@ -193,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         commands += previous["commands"]
         machines += [previous["machine"]] if previous["machine"] not in machines else []
     if not args.merge:
-        runs = {seed: run_seed(args.sequence, seed, args) for seed in args.seeds}
+        runs = {seed: run_seed(seed, args) for seed in args.seeds}
         commands, machines = [" ".join(["python benchmarks/transfer.py", *argv])], [this_machine()]
     runs = dict(sorted(runs.items()))
     result = {"setting": setting(args), "commands": commands, "machine": "; ".join(machines), "runs": runs} | {
