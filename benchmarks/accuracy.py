@@ -51,6 +51,7 @@ import math
 import platform
 import re
 import runpy
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -109,15 +110,26 @@ def _loader(task, split: str, spec, setup: Setup, shuffle: bool, seed: int):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def _train_lora_task(model, head: nn.Linear, task, spec, setup: Setup, seed: int, penalty=None) -> None:
-    """The same budget and optimiser as the HyperLoRA trainer: AdamW, cosine schedule, grad-norm clip 1."""
+def _train_lora_task(
+    model, head: nn.Linear, task, spec, setup: Setup, seed: int, penalty=None, curve_points: int = 0
+) -> list[list[float]]:
+    """The same budget and optimiser as the HyperLoRA trainer: AdamW, cosine schedule, grad-norm clip 1. Returns the
+    learning curve at ``curve_points`` evenly spaced steps, as the trainer's ``eval_curve_points``."""
     params = [p for p in model.parameters() if p.requires_grad]
     loader = _loader(task, "train", spec, setup, shuffle=True, seed=seed)
 
     def loss_fn(features, labels, _task_ids):
         return F.cross_entropy(head(features), labels)
 
-    _fit(model, [head], params, loader, loss_fn, setup, penalty)
+    total = setup.epochs * len(loader)
+    at = {math.ceil(total * k / curve_points) for k in range(1, curve_points + 1)} if curve_points else set()
+    curve = []
+    for step in _fit_steps(model, [head], params, loader, loss_fn, setup, penalty):
+        if step in at:
+            test = _loader(task, "test", spec, setup, shuffle=False, seed=0)
+            curve.append([step, _accuracy(model, head, test, setup.device)])
+            train_mode(model)
+    return curve
 
 
 def _fit(model, heads, params, loader, loss_fn, setup: Setup, penalty=None) -> None:
@@ -209,11 +221,11 @@ def _lora(backbone: nn.Module, config: HyperLoraConfig, device: str):
     return get_peft_model(backbone, lora_config)
 
 
-def run_lora(tasks, seed: int, mode: str, setup: Setup, ewc_strength: float = 0.0) -> dict:
+def run_lora(tasks, seed: int, mode: str, setup: Setup, ewc_strength: float = 0.0, curve_points: int = 0) -> dict:
     """Accuracy matrix of per-task, sequential or EWC LoRA; per-task adapters never change once trained."""
     num_tasks = len(tasks)
     R = np.full((num_tasks, num_tasks), np.nan)
-    heads, adapters, times = [], [], []
+    heads, adapters, times, curves = [], [], [], []
     torch.manual_seed(seed)
     backbone, config, spec, width = setup.build()
     model = None if mode == "per_task" else _lora(backbone, config, setup.device)
@@ -225,7 +237,8 @@ def run_lora(tasks, seed: int, mode: str, setup: Setup, ewc_strength: float = 0.
             model = _lora(setup.build()[0], config, setup.device)
             adapters.append(model)
         head = nn.Linear(width, task.num_classes).to(setup.device)
-        _train_lora_task(model, head, task, spec, setup, seed + t, penalty=ewc.penalty if ewc else None)
+        penalty = ewc.penalty if ewc else None
+        curves.append(_train_lora_task(model, head, task, spec, setup, seed + t, penalty, curve_points))
         if ewc is not None:
             ewc.consolidate(model, head, task, spec, setup)
         head.requires_grad_(False)
@@ -237,6 +250,7 @@ def run_lora(tasks, seed: int, mode: str, setup: Setup, ewc_strength: float = 0.
     lora_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
     return {
         "accuracy_matrix": R,
+        "learning_curves": curves if curve_points else None,
         "train_s": times,
         "bytes_per_task": head_bytes(tasks, width) + (lora_bytes if mode == "per_task" else 0),
         "shared_bytes": 0 if mode == "per_task" else lora_bytes,
@@ -408,7 +422,10 @@ def build_benchmark(cli: argparse.Namespace, seed: int) -> tuple[list, Setup]:
         test_per_class=cli.test_per_class,
         later_train_per_class=cli.later_train_per_class,
         kind=cli.sequence,
+        validation_per_class=cli.test_per_class if cli.evaluate_on == "validation" else 0,
     )
+    if cli.evaluate_on == "validation":  # choosing a setting: every method reads validation images, never the test's
+        tasks = [dataclasses.replace(task, test=task.validation, validation=None) for task in tasks]
     return tasks, Setup(lambda: build_backbone("efficientnet"), **budget_of(cli), device=device)
 
 
@@ -430,7 +447,8 @@ def data_of(cli: argparse.Namespace) -> dict:
     those options)."""
     kind = {} if cli.sequence == "conflict" else {"sequence": cli.sequence}
     later = {} if cli.later_train_per_class is None else {"later_train_per_class": cli.later_train_per_class}
-    return kind | {"train_per_class": cli.train_per_class, "test_per_class": cli.test_per_class} | later
+    evaluated = {} if cli.evaluate_on == "test" else {"evaluate_on": cli.evaluate_on}
+    return kind | {"train_per_class": cli.train_per_class, "test_per_class": cli.test_per_class} | later | evaluated
 
 
 def imagenet_r_tasks(cli: argparse.Namespace) -> list:
@@ -478,6 +496,8 @@ def method_metrics(method: str, result: dict) -> dict:
     )
     if result.get("learning_curves"):
         metrics["steps_to_95"] = steps_to_95(result["learning_curves"])
+    if any(result.get("guidance") or []):  # per task [step, L_emb, norm of its gradient]: does the guidance act?
+        metrics["guidance"] = result["guidance"]
     if "frozen_baselines" in result:  # the trainer's own frozen probe and LDA, on the same run's features
         metrics["frozen_baselines"] = {k: v for k, v in result["frozen_baselines"].items() if not k.endswith("task")}
     return metrics
@@ -524,9 +544,23 @@ CELL_SCALE = {"steps_to_95": (1.0, 0)}  # (scale, digits) where a column is not 
 
 
 def this_machine() -> str:
+    """The machine and the code a run was made with (merged reports list every distinct one)."""
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, torch {torch.__version__}{gpu}"
+    return f"{cpu}, torch {torch.__version__}{gpu}, code {code_version()}"
+
+
+def code_version() -> str:
+    """The checkout's commit, with "+changes" when files differ from it ("unknown" outside a git checkout)."""
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=here)
+    except OSError:
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _mean(results: list[dict], key: str) -> float | None:
@@ -588,7 +622,8 @@ def write_report(out: Path, benchmark: str, runs: dict[str, list[dict]], budget:
 
 def _data_flags(budget: dict) -> str:
     """The structured options a run was made with where they are not the defaults (``data_of``)."""
-    return "".join(f"--{key} {budget[key]} " for key in ("sequence", "later_train_per_class") if key in budget)
+    keys = ("sequence", "later_train_per_class", "evaluate_on")
+    return "".join(f"--{key} {budget[key]} " for key in keys if key in budget)
 
 
 def _task_flag(benchmark: str) -> str:
@@ -675,7 +710,8 @@ def run_method(method: str, tasks, seed: int, setup: Setup, cli: argparse.Namesp
             overrides = ABLATIONS[method]
             return {method: run_hyperlora(tasks, seed, Path(tmp), overrides, setup, cli.eval_curve_points)}
     if method in ("lora_per_task", "lora_sequential", "lora_ewc"):
-        return {method: run_lora(tasks, seed, method.removeprefix("lora_"), setup, ewc_strength=cli.ewc_strength)}
+        mode = method.removeprefix("lora_")
+        return {method: run_lora(tasks, seed, mode, setup, cli.ewc_strength, cli.eval_curve_points)}
     if method == "joint":
         return {method: run_joint(tasks, seed, setup)}
     if method == "frozen":
@@ -729,6 +765,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--later_train_per_class", type=int, default=None, help="each task's after the first (None: the same)"
     )
     structured.add_argument("--test_per_class", type=int, default=100, help="test images per class")
+    structured.add_argument(
+        "--evaluate_on",
+        choices=["test", "validation"],
+        default="test",
+        help="validation: report on a validation split of --test_per_class images per class instead (to choose "
+        "settings; the test images are never read)",
+    )
     imagenet_r = parser.add_argument_group("--benchmark imagenet_r (recipes/imagenet_r.py's protocol)")
     imagenet_r.add_argument(
         "--dataset_name", "--data_path", default=None, help="a Hub id or a local image folder; None: the recipe's"

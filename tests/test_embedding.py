@@ -98,8 +98,13 @@ def test_the_fitted_h_embedding_stays_as_far_from_every_old_task_as_an_unrelated
 
 
 def test_minmax_and_none_normalisations():
-    old = np.eye(3)
-    np.testing.assert_allclose(target_distances([1.0, 4.0, 2.0], old, "minmax", eps=0.1).distances, [4.1, 1.1, 3.1])
+    old = np.eye(3)  # every pair sqrt(2) apart: tau = sqrt(2)
+    tau = np.sqrt(2.0)
+    minmax = target_distances([1.0, 4.0, 2.0], old, "minmax").distances
+    np.testing.assert_allclose(minmax, tau * np.array([2.0, 1.0, 1.0 + 2.0 / 3.0]))
+    ahp = target_distances([1.0, 4.0, 2.0], old, "ahp").distances
+    assert minmax.min() == ahp.min() == pytest.approx(tau) and minmax.max() <= 2 * tau  # AHP's range, another map
+    np.testing.assert_allclose(target_distances([0.5, 0.5, 0.5], old, "minmax").distances, [tau] * 3)
     assert target_distances([1.0, 4.0, 2.0], old, "none") is None
     with pytest.raises(ValueError, match="normalisation must be one of"):
         target_distances([1.0], old[:1], "zscore")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hyperlora.method.losses import GuidanceDecoder, flat_outputs, guidance_loss, guidance_weight, output_regulariser
-from hyperlora.tuner.hypernet import HyperNetwork
+from hyperlora.method.losses import flat_outputs, guidance_loss, guidance_weight, output_regulariser, relation_targets
+from hyperlora.tuner.hypernet import HyperNetwork, _shape_key
 
 
 def test_output_regulariser_is_the_mean_over_sampled_tasks_of_squared_distances_of_every_modules_factors():
@@ -31,14 +31,44 @@ def test_output_regulariser_is_the_mean_over_sampled_tasks_of_squared_distances_
     assert regulariser.item() > 0
 
 
-def test_guidance_loss_is_one_minus_cosine_of_the_decoded_mean_hidden():
+def _all_factors(hypernet, embedding: torch.Tensor) -> np.ndarray:
+    """One task's generated weights as numpy sees them: every module's A less its shape's fixed part, and B,
+    flattened."""
+    A, B = hypernet(embedding[None]).task_factors(0)
+    fixed = [getattr(hypernet, f"_a0_{_shape_key(shape)}") for shape in hypernet.module_shapes]
+    parts = [(a - a0).detach().numpy() for a, a0 in zip(A, fixed, strict=True)] + [b.detach().numpy() for b in B]
+    return np.concatenate([part.ravel() for part in parts])
+
+
+def test_guidance_compares_cosines_of_generated_weights_with_those_at_the_h_embedding():
+    """kappa_i = cos(f(e^), f(e_i)) and L_emb = mean_i (cos(f(e_t), f(e_i)) - kappa_i)^2, over every module's A (its
+    learned part) and B, against numpy; zero where e_t is e^, and its gradient reaches the task embedding."""
     torch.manual_seed(0)
-    decoder = GuidanceDecoder(hidden_dim=8, embedding_dim=4, width=6)
-    hidden = torch.randn(1, 5, 8)
-    target = torch.randn(4)
-    decoded = decoder.net(hidden.mean(dim=1))[0].detach().numpy()
-    expected = 1 - decoded @ target.numpy() / (np.linalg.norm(decoded) * np.linalg.norm(target.numpy()))
-    assert guidance_loss(decoder, hidden, target).item() == pytest.approx(expected, rel=1e-5)
+    hypernet = HyperNetwork(
+        [(4, 5), (6, 6), (4, 5)], r=2, task_embedding_dim=3, module_embedding_dim=3, hidden_dim=8, num_layers=1
+    )
+    for head in hypernet.heads.values():
+        torch.nn.init.normal_(head.weight)
+    old_embeddings, h_embedding = torch.randn(3, 3), torch.randn(1, 3)
+    old = hypernet(old_embeddings)
+    old_np = [_all_factors(hypernet, e) for e in old_embeddings]
+    h_np = _all_factors(hypernet, h_embedding[0])
+
+    def cos(a, b):
+        return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    kappa = relation_targets(hypernet(h_embedding), flat_outputs(old))
+    np.testing.assert_allclose(kappa.detach().numpy(), [cos(h_np, o) for o in old_np], rtol=1e-5)
+    assert guidance_loss(hypernet(h_embedding), flat_outputs(old), kappa).item() == pytest.approx(0.0, abs=1e-10)
+
+    e_t = torch.randn(1, 3, requires_grad=True)
+    current = hypernet(e_t)
+    loss = guidance_loss(current, flat_outputs(old)[[2, 0]], kappa[[2, 0]])
+    now = _all_factors(hypernet, e_t[0])
+    expected = np.mean([(cos(now, old_np[i]) - cos(h_np, old_np[i])) ** 2 for i in (2, 0)])
+    assert loss.item() == pytest.approx(expected, rel=1e-4) and expected > 1e-4
+    loss.backward()
+    assert e_t.grad.norm() > 0
 
 
 def test_guidance_weight_schedule():

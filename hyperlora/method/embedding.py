@@ -105,9 +105,7 @@ class Targets(NamedTuple):
     consistency_ratio: float | None  # AHP only
 
 
-def target_distances(
-    scores, old_embeddings, normalisation: str = "ahp", *, resampled=None, eps: float = 1e-3
-) -> Targets | None:
+def target_distances(scores, old_embeddings, normalisation: str = "ahp", *, resampled=None) -> Targets | None:
     """How far the new task's embedding should sit from each old one: close to the old tasks that transfer best.
 
     "ahp": d_i = tau * (1 + (r_i - 1) / 8) with r_i = min(w_max / w_i, 9) from the AHP priorities w: Saaty's 1-9 scale
@@ -116,7 +114,10 @@ def target_distances(
     from another that is tau away. (Ratios up to 9 as distances are out of reach at that scale: the fit meets them
     by shrinking gamma to 0.12-0.23, which sets the new task almost on its best old one, where the regulariser holding
     the old task's output also holds the new task's.)
-    "minmax": the authors' earlier d_i = (h_max - h_i) + eps + h_min; "none": no guidance (returns None).
+    "minmax": min-max scaling onto the same range, d_i = tau * (1 + (h_max - h_i) / (h_max - h_min)) (all tau when
+    the scores are equal), so that the ablation changes the normalisation and not the scale (the authors' earlier
+    d_i = (h_max - h_i) + eps + h_min sits at the scores' own scale, far inside tau); "none": no guidance (returns
+    None).
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
@@ -126,12 +127,14 @@ def target_distances(
         raise ValueError(f"{h.size} scores but {E.shape[0]} old embeddings")
     if normalisation == "none":
         return None
+    tau = median_pairwise_distance(E)
     if normalisation == "minmax":
-        return Targets((h.max() - h) + eps + h.min(), None)
+        spread = h.max() - h.min()
+        return Targets(tau * (1.0 + ((h.max() - h) / spread if spread > 0 else np.zeros_like(h))), None)
     weights, ratio = ahp_priorities(h, resampled)
     # The eigenvector of an inconsistent matrix can spread past Saaty's 1-9 range: clip to it.
     saaty = np.minimum(weights.max() / weights, 9.0)
-    return Targets(median_pairwise_distance(E) * (1.0 + (saaty - 1.0) / 8.0), ratio)
+    return Targets(tau * (1.0 + (saaty - 1.0) / 8.0), ratio)
 
 
 GAMMA_PRIOR = 1e-3

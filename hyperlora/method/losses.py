@@ -1,10 +1,9 @@
-"""The two losses that keep the hypernet's memory: the output regulariser and the embedding guidance."""
+"""The two losses on the generated weights: the output regulariser (memory) and the embedding guidance (relations)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..tuner.hypernet import HypernetOutput
 
@@ -26,20 +25,20 @@ def output_regulariser(current: HypernetOutput, rows: list[int], targets: torch.
     return F.mse_loss(flat_outputs(current), targets.index_select(0, index), reduction="sum") / len(rows)
 
 
-class GuidanceDecoder(nn.Module):
-    """D: maps the hypernet's hidden activation (averaged over modules) back to the task-embedding space."""
-
-    def __init__(self, hidden_dim: int, embedding_dim: int, width: int = 64) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden_dim, width), nn.ReLU(), nn.Linear(width, embedding_dim))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.net(hidden.mean(dim=-2))
+def relation_targets(h_embedding_output: HypernetOutput, old_outputs: torch.Tensor) -> torch.Tensor:
+    """kappa_i = cos(f(e^_t), f*_i): how alike the weights the hypernetwork generates for the H-embedding and for each
+    old task are, (old tasks,). Read from the frozen hypernetwork when the task starts: the task relations the
+    H-embedding encodes, expressed where they act, in the generated weights."""
+    return F.cosine_similarity(flat_outputs(h_embedding_output), old_outputs, dim=-1)
 
 
-def guidance_loss(decoder: GuidanceDecoder, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L_emb = 1 - cos(D(h_t), e^_t): ties the generated weights of task t to its H-embedding."""
-    return 1.0 - F.cosine_similarity(decoder(hidden), target.expand(hidden.shape[0], -1), dim=-1).mean()
+def guidance_loss(current: HypernetOutput, old_outputs: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """L_emb = mean_i (cos(f_t, f*_i) - kappa_i)^2 over the given old tasks (``old_outputs``, their recorded
+    ``flat_outputs``; ``kappa`` from ``relation_targets``): the generated weights of task t keep the relations of its
+    H-embedding to the old tasks' while it trains. Nothing but the hypernetwork and e_t can meet it, so it acts for
+    as long as the cross-entropy pulls the weights elsewhere (a decoder of its own, as before, met it within a tenth
+    of the task)."""
+    return (F.cosine_similarity(flat_outputs(current), old_outputs, dim=-1) - kappa).square().mean()
 
 
 def guidance_weight(task_index: int, slope: float) -> float:

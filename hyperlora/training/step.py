@@ -13,7 +13,7 @@ from peft import PeftModel
 from torch import nn
 
 from ..data import pooled_features
-from ..method.losses import GuidanceDecoder, flat_outputs, guidance_loss, guidance_weight, output_regulariser
+from ..method.losses import flat_outputs, guidance_loss, guidance_weight, output_regulariser, relation_targets
 from ..tuner import HyperLoraConfig
 from .arguments import ContinualTrainingArguments
 
@@ -30,9 +30,9 @@ def train_mode(model: nn.Module) -> None:
 class TaskStep(nn.Module):
     """Everything one training step of task ``t`` computes, in one module so that DDP sees a single forward.
 
-    Built when task t starts: it records the old tasks' generated weights (the regulariser's targets), protects the
-    hypernetwork heads' directions that produce them (``HyperNetwork.protect_tasks``; ``release`` ends it), and
-    makes a fresh guidance decoder when the task has an H-embedding to be guided by.
+    Built when task t starts: it records the old tasks' generated weights (what the regulariser holds and the guidance
+    compares with), the relations of the H-embedding's weights to them (the guidance's targets), and protects the
+    hypernetwork heads' directions that produce them (``HyperNetwork.protect_tasks``; ``release`` ends it).
     """
 
     def __init__(
@@ -47,52 +47,52 @@ class TaskStep(nn.Module):
         super().__init__()
         self.model, self.head, self.t, self.config = model, head, t, config
         tuner = model.base_model
-        self.reg_targets = None  # the old tasks' generated factors, (t, total)
-        if t > 0 and config.beta_reg > 0:
-            with torch.no_grad():
-                self.reg_targets = flat_outputs(tuner.generate(list(range(t))))
         self.beta_emb = guidance_weight(t, config.beta_emb_slope)
-        self.decoder = self.h_embedding = None
-        if h_embedding is not None and self.beta_emb > 0:
-            self.decoder = GuidanceDecoder(
-                config.hypernet_hidden_dim, config.task_embedding_dim, config.decoder_hidden_dim
-            )
-            self.decoder.to(head.weight.device)
-            self.h_embedding = h_embedding.to(head.weight.device)
+        guided = h_embedding is not None and self.beta_emb > 0
+        self.old_outputs = self.kappa = None  # the old tasks' flat_outputs (t, total); the guidance's targets (t,)
+        if t > 0 and (config.beta_reg > 0 or guided):
+            with torch.no_grad():
+                self.old_outputs = flat_outputs(tuner.generate(list(range(t)))).float()
+                if guided:
+                    h_output = tuner.hypernet(h_embedding.to(head.weight.device, torch.float32)[None])
+                    self.kappa = relation_targets(h_output, self.old_outputs)
         if t > 0 and config.head_projection:  # the heads train only where the old tasks' activations are not
             tuner.hypernet.protect_tasks(range(t))
         self.reg_generator = torch.Generator().manual_seed(seed + 7919 * (t + 1))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss, and its parts (detached) for the logs."""
-        reg_tasks = []
-        if self.reg_targets is not None:  # a subset, so that the cost does not grow with the number of tasks
-            reg_tasks = torch.randperm(self.t, generator=self.reg_generator)[: self.config.reg_max_tasks].tolist()
-        # one hypernetwork pass serves the forward (task t, last row) and the losses (the sampled old tasks)
-        tasks = [*reg_tasks, self.t]
+        sampled = []
+        if self.old_outputs is not None:  # a subset, so that the cost does not grow with the number of tasks
+            sampled = torch.randperm(self.t, generator=self.reg_generator)[: self.config.reg_max_tasks].tolist()
+        regularised = sampled and self.config.beta_reg > 0
+        # one hypernetwork pass serves the forward (task t, last row) and the regulariser (the sampled old tasks)
         tuner = self.model.base_model
-        out = tuner.generate(tasks)
-        old, current = out.split_tasks(len(reg_tasks)) if reg_tasks else (None, out)
+        out = tuner.generate([*sampled, self.t] if regularised else [self.t])
+        old, current = out.split_tasks(len(sampled)) if regularised else (None, out)
         with tuner.use_generated(current, [self.t]):
             logits = self.head(pooled_features(self.model(pixel_values)))
         ce = F.cross_entropy(logits.float(), labels)
         losses = {"ce": ce}
-        if reg_tasks:
-            losses["reg"] = output_regulariser(old, reg_tasks, self.reg_targets)
-        if self.decoder is not None:
-            losses["emb"] = guidance_loss(self.decoder, current.hidden.float(), self.h_embedding)
+        if regularised:
+            losses["reg"] = output_regulariser(old, sampled, self.old_outputs)
+        if self.kappa is not None:
+            losses["emb"] = self._guidance(current, sampled)
         loss = ce + self.config.beta_reg * losses.get("reg", 0.0) + self.beta_emb * losses.get("emb", 0.0)
         return loss, {k: v.detach() for k, v in losses.items()}
 
+    def _guidance(self, current, rows: list[int]) -> torch.Tensor:
+        index = torch.as_tensor(rows, device=self.kappa.device)
+        return guidance_loss(current, self.old_outputs.index_select(0, index), self.kappa.index_select(0, index))
+
     def guidance_probe(self) -> tuple[float, float] | None:
-        """The guidance loss now and the norm of its weighted gradient on the hypernetwork, without touching any
-        ``.grad``: logged over the task, so that a guidance its own fresh decoder satisfies is seen to stop acting.
-        None when the task has no guidance."""
-        if self.decoder is None:
+        """The guidance loss now, over every old task, and the norm of its weighted gradient on the hypernetwork (task
+        embedding included), without touching any ``.grad``: logged over the task, so that a guidance that stops
+        acting is seen to. None when the task has no guidance."""
+        if self.kappa is None:
             return None
         hypernet = self.model.base_model.hypernet
-        hidden = hypernet.hidden(hypernet.stacked_task_embeddings([self.t])).float()
-        loss = guidance_loss(self.decoder, hidden, self.h_embedding)
+        loss = self._guidance(self.model.base_model.generate([self.t]), list(range(self.t)))
         params = [p for p in hypernet.parameters() if p.requires_grad]
         grads = [g for g in torch.autograd.grad(self.beta_emb * loss, params, allow_unused=True) if g is not None]
         return loss.item(), torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
@@ -103,12 +103,11 @@ class TaskStep(nn.Module):
 
 
 def create_optimizer(step: TaskStep, args: ContinualTrainingArguments) -> torch.optim.AdamW:
-    """AdamW over the hypernetwork (but old task embeddings), the new task's embedding, its head and the decoder, at
-    their learning rates: one parameter group per distinct rate, so that each costs one fused update."""
+    """AdamW over the hypernetwork (but old task embeddings), the new task's embedding and its head, at their learning
+    rates: one parameter group per distinct rate, so that each costs one fused update."""
     hypernet = step.model.base_model.hypernet
     embedding = hypernet.task_embeddings[step.t]
-    decoder = [] if step.decoder is None else list(step.decoder.parameters())
-    trained = [p for p in hypernet.parameters() if p.requires_grad and p is not embedding] + decoder
+    trained = [p for p in hypernet.parameters() if p.requires_grad and p is not embedding]
     rates = {}  # learning rate -> parameters: one group per distinct rate, first the hypernetwork's (logged)
     for params, lr in (
         (trained, args.learning_rate),

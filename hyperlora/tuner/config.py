@@ -38,7 +38,6 @@ _POSITIVE_INTS = (
     "hypernet_num_layers",
     "h_score_samples",
     "reg_max_tasks",
-    "decoder_hidden_dim",
 )
 _NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage")
 _NUMBERS = ("lora_alpha", "lora_dropout", *_NON_NEGATIVE_FLOATS)
@@ -104,7 +103,6 @@ class HyperLoraConfig(PeftConfig):
     beta_reg: float = field(default=0.05, metadata={"help": "Weight of the hypernet output regulariser."})
     reg_max_tasks: int = field(default=8, metadata={"help": "Old tasks sampled per step by the regulariser."})
     beta_emb_slope: float = field(default=0.05, metadata={"help": "beta_emb(t) = min(1, slope * t)."})
-    decoder_hidden_dim: int = field(default=64, metadata={"help": "Width of the guidance decoder D."})
     router: Router = field(default="gaussian", metadata={"help": "Class-incremental router: gaussian | entropy."})
     router_shrinkage: float = field(default=0.1, metadata={"help": "Shrinkage of the router's covariance."})
     # Read from adapter_config.json by from_pretrained and checked there; an InitVar, so never part of to_dict().

@@ -31,7 +31,7 @@ class HypernetOutput:
     """
 
     def __init__(self, hidden: torch.Tensor, flat: dict[str, torch.Tensor], hypernet: HyperNetwork) -> None:
-        self.hidden = hidden  # (T, M, hidden_dim): the trunk activation, read by the guidance decoder
+        self.hidden = hidden  # (T, M, hidden_dim): the trunk activation
         self.flat = flat
         self._hypernet = hypernet
         self._factors: dict[int | None, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}

@@ -1,0 +1,230 @@
+"""Do the task relations pay? HyperLoRA against the ablations of its relation machinery and one PEFT LoRA per task,
+on structured sequences whose relations are known and whose plain-LoRA transfer is measured first.
+
+Per sequence (``split``, ``domain``, ``mixed``; hyperlora.structured) at 5 tasks, later tasks with few images
+(``--later_train_per_class``), per method (``hyperlora``, ``no_guidance``, ``random_init``, ``minmax``,
+``lora_per_task``; accuracy.py's): the final average accuracy (task-incremental, %) and the steps a later task takes
+to reach 95% of its final accuracy (learning curves at ``--eval_curve_points`` points per task), mean and std over
+seeds, beside the sequence's forward transfer with plain LoRA (transfer.py, on validation images). Then the targets:
+on split and domain, the full method beats each ablation by a point of FAA or takes 20% fewer steps, and is at
+least per-task LoRA; on mixed, no ablation beats it by more than 0.3. Differences are paired by seed; one within
+twice its standard error is written as a tie.
+
+Runs accuracy.py (and transfer.py, where its result is missing) per sequence into ``--output_dir``/<sequence>-5,
+then writes guidance.json and guidance.md there. ``--report_only`` only reads what is there (runs made apart, e.g.
+``accuracy.py --sequence split --num_tasks 5 --later_train_per_class 50 --eval_curve_points 10 --output_dir
+benchmarks/results/guidance/split-5 --append``).
+
+    python benchmarks/guidance.py --seeds 0 1 2
+    python benchmarks/guidance.py --report_only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import accuracy
+import numpy as np
+import transfer
+
+from hyperlora.cli import parse
+from hyperlora.files import atomic_write_json, atomic_write_text
+
+SEQUENCES = ("split", "domain", "mixed")
+METHODS = ("hyperlora", "no_guidance", "random_init", "minmax", "lora_per_task")
+ABLATIONS = ("no_guidance", "random_init", "minmax")
+NUM_TASKS = 5
+FACTORS = ("orientation", "count", "size")  # mixed asks them in turn, domain the first
+FAA_MARGIN, STEPS_SHARE, MIXED_SLACK = 1.0, 0.8, 0.3  # points, fraction of the ablation's steps, points
+
+
+def transfer_path(out: Path, kind: str) -> Path:
+    asked = {"domain": FACTORS[0], "split": "glyph"}.get(kind, "-".join(FACTORS))
+    return out / f"transfer-{kind}-{asked}-{NUM_TASKS}.json"
+
+
+def run(args: argparse.Namespace, out: Path) -> None:
+    for kind in args.sequences:
+        later = str(args.later_train_per_class)
+        accuracy.main(
+            ["--sequence", kind, "--num_tasks", str(NUM_TASKS), "--later_train_per_class", later,
+             "--eval_curve_points", str(args.eval_curve_points), "--methods", *args.methods,
+             "--seeds", *map(str, args.seeds), "--output_dir", str(out / f"{kind}-{NUM_TASKS}"), "--append"]
+        )  # fmt: skip
+        if not transfer_path(out, kind).exists():
+            transfer.main(
+                ["--sequence", kind, "--num_tasks", str(NUM_TASKS), "--factors", *FACTORS,
+                 "--later_train_per_class", later, "--seeds", *map(str, args.seeds),
+                 "--output_dir", str(out)]
+            )  # fmt: skip
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def _paired(full: dict[int, float], other: dict[int, float]) -> dict | None:
+    """full minus other over the seeds both have: mean, std, and whether it is within noise (|mean| <= 2 SE)."""
+    seeds = sorted(set(full) & set(other))
+    if not seeds:
+        return None
+    diff = np.array([full[s] - other[s] for s in seeds])
+    std = float(np.std(diff, ddof=1)) if len(diff) > 1 else float("nan")
+    tie = bool(len(diff) < 2 or abs(diff.mean()) <= 2 * std / np.sqrt(len(diff)))
+    return {"mean": float(diff.mean()), "std": std, "seeds": len(seeds), "tie": tie}
+
+
+def summarise(report: dict) -> dict:
+    """Per method: FAA (%) and steps to 95% (steps), mean and std over seeds, and the per-seed values."""
+    methods = {}
+    for method in METHODS:
+        results = report["runs"].get(method, [])
+        if not results:
+            continue
+        faa = {r["seed"]: 100 * r["faa"] for r in results}
+        steps = {r["seed"]: r["steps_to_95"] for r in results if r.get("steps_to_95") is not None}
+        methods[method] = {
+            "faa": _stats(list(faa.values())),
+            "steps_to_95": _stats(list(steps.values())) if steps else None,
+            "seeds": sorted(faa),
+            "per_seed": {"faa": faa, "steps_to_95": steps},
+        }
+    return methods
+
+
+def criteria(kind: str, methods: dict) -> dict:
+    """The targets of one sequence, each with the measured numbers it was judged on."""
+    full = methods.get("hyperlora")
+    if full is None:
+        return {}
+    checks = {}
+    if kind == "mixed":
+        for ablation in ("no_guidance", "random_init"):
+            if ablation in methods:
+                gap = _paired(full["per_seed"]["faa"], methods[ablation]["per_seed"]["faa"])
+                checks[f"faa >= {ablation} - {MIXED_SLACK}"] = {"met": gap["mean"] >= -MIXED_SLACK, "faa_gap": gap}
+        return checks
+    for ablation in ABLATIONS:
+        if ablation not in methods:
+            continue
+        gap = _paired(full["per_seed"]["faa"], methods[ablation]["per_seed"]["faa"])
+        steps_full, steps_other = full["steps_to_95"], methods[ablation]["steps_to_95"]
+        ratio = steps_full["mean"] / steps_other["mean"] if steps_full and steps_other else None
+        met = gap["mean"] >= FAA_MARGIN or (ratio is not None and ratio <= STEPS_SHARE)
+        checks[f"faa >= {ablation} + {FAA_MARGIN} or steps <= {STEPS_SHARE} x"] = {
+            "met": bool(met),
+            "faa_gap": gap,
+            "steps_ratio": ratio,
+        }
+    if "lora_per_task" in methods:
+        gap = _paired(full["per_seed"]["faa"], methods["lora_per_task"]["per_seed"]["faa"])
+        checks["faa >= lora_per_task"] = {"met": gap["mean"] >= 0, "faa_gap": gap}
+    return checks
+
+
+def write_report(out: Path, command: str) -> dict:
+    result, machines, version = {}, [], None
+    for kind in SEQUENCES:
+        path = out / f"{kind}-{NUM_TASKS}" / "accuracy.json"
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        machines += [m for m in report["machine"].split("; ") if m not in machines]
+        methods = summarise(report)
+        entry = {method: {k: v[k] for k in ("faa", "steps_to_95", "seeds")} for method, v in methods.items()}
+        moved = transfer_path(out, kind)
+        entry["forward_transfer_lora"] = (
+            json.loads(moved.read_text())["forward_transfer_lora"] if moved.exists() else None
+        )
+        entry["criteria"] = criteria(kind, methods)
+        entry["budget"] = report["budget"]
+        result[kind] = entry
+        version = version or report.get("version")
+    result["machine"] = "; ".join(machines)
+    result["command"] = command
+    atomic_write_json(out / "guidance.json", result)
+    atomic_write_text(out / "guidance.md", markdown(result))
+    return result
+
+
+def _cell(stats: dict | None, digits: int) -> str:
+    return "-" if stats is None else f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Do the task relations pay? ({NUM_TASKS} tasks per sequence)",
+        "",
+        f"Command: `{result['command']}`. Machine: {result['machine']}. FAA: task-incremental final average accuracy "
+        "on the test images, %; steps to 95%: the training step at which a later task first reaches 95% of its final "
+        "accuracy (learning-curve resolution: a tenth of the task), mean over tasks 2..; mean ± std over seeds. "
+        "Forward transfer: plain PEFT LoRA started from a related old task's adapter minus from scratch, on validation "
+        "images (transfer.py).",
+        "",
+    ]
+    for kind in SEQUENCES:
+        if kind not in result:
+            continue
+        entry = result[kind]
+        moved = entry["forward_transfer_lora"]
+        lines += [
+            f"## {kind}",
+            "",
+            f"Forward transfer of plain LoRA: {_cell(moved, 2)} points."
+            if moved
+            else "Forward transfer: not measured.",
+            "",
+            "| method | seeds | FAA | steps to 95% |",
+            "|---|---|---|---|",
+        ]
+        for method in METHODS:
+            if method in entry:
+                row = entry[method]
+                lines.append(
+                    f"| {method} | {len(row['seeds'])} | {_cell(row['faa'], 2)} | {_cell(row['steps_to_95'], 1)} |"
+                )
+        lines += [
+            "",
+            "| target | met | full minus other, FAA points (paired) | steps, full / other |",
+            "|---|---|---|---|",
+        ]
+        for name, check in entry["criteria"].items():
+            gap = check["faa_gap"]
+            diff = f"{gap['mean']:+.2f} ± {gap['std']:.2f}" + (" (tie)" if gap["tie"] else "")
+            ratio = check.get("steps_ratio")
+            lines.append(
+                f"| {name} | {'yes' if check['met'] else 'NO'} | {diff} | {'-' if ratio is None else f'{ratio:.2f}'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequences", nargs="+", choices=SEQUENCES, default=list(SEQUENCES))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--later_train_per_class", type=int, default=50, help="each later task's training images")
+    parser.add_argument("--eval_curve_points", type=int, default=10, help="test evaluations per task: steps to 95%%")
+    parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results" / "guidance"))
+    parser.add_argument("--report_only", action="store_true", help="only aggregate the runs already there")
+    return parse(parser, argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        run(args, out)
+    result = write_report(out, " ".join(["python benchmarks/guidance.py", *argv]))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
