@@ -164,3 +164,16 @@ def test_fit_rejects_bad_input():
         fit_h_embedding(np.eye(2), [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="NaN"):
         fit_h_embedding(np.eye(2), [np.nan, 1.0])
+
+
+def test_related_old_tasks_get_half_their_target_and_without_any_every_target_stays_beyond_tau():
+    old = np.eye(3)
+    tau = median_pairwise_distance(old)
+    plain = target_distances([0.2, 0.6, 0.4], old).distances
+    inherited = target_distances([0.2, 0.6, 0.4], old, related=[False, True, True]).distances
+    np.testing.assert_allclose(inherited, plain * [1.0, 0.5, 0.5])
+    assert inherited.min() == pytest.approx(tau / 2)  # the best related task: nearer than any unrelated one
+    assert target_distances([0.2, 0.6, 0.4], old, related=[False] * 3).distances.min() == pytest.approx(tau)
+    assert target_distances([0.2, 0.6, 0.4], old, "minmax", related=[True, False, False]).distances[0] == tau
+    with pytest.raises(ValueError, match="related must mark each of the 3 old tasks"):
+        target_distances([0.2, 0.6, 0.4], old, related=[True])

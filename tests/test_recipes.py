@@ -559,3 +559,70 @@ def test_transfer_benchmark_compares_each_related_later_task_from_scratch_and_fr
     assert merged["forward_transfer_lora"]["seeds"] == 2
     with pytest.raises(SystemExit, match="was run with"):
         transfer.main([*tiny, "--later_train_per_class", "3", "--merge", *files, "--output_dir", str(tmp_path)])
+
+
+def test_accuracy_benchmark_can_choose_on_validation_images_and_times_per_task_lora_too(tmp_path):
+    """--evaluate_on validation: every method reads a validation split drawn for the purpose, never the test
+    images; per-task LoRA gets learning curves (steps to 95%) as HyperLoRA does."""
+    import accuracy
+
+    from hyperlora.structured import structured_tasks
+
+    cli = accuracy.parse_args(["--num_tasks", "2", "--train_per_class", "3", "--test_per_class", "2",
+                               "--evaluate_on", "validation", "--sequence", "split"])  # fmt: skip
+    tasks, _ = accuracy.build_benchmark(cli, seed=0)
+    drawn = structured_tasks(2, seed=0, train_per_class=3, test_per_class=2, validation_per_class=2, kind="split")
+    for task, reference in zip(tasks, drawn, strict=True):
+        assert task.validation is None
+        assert [np.asarray(image).tobytes() for image in task.test["image"]] == [
+            np.asarray(image).tobytes() for image in reference.validation["image"]
+        ]
+    assert accuracy.data_of(cli)["evaluate_on"] == "validation"  # never merged with runs on the test images
+    assert "evaluate_on" not in accuracy.data_of(accuracy.parse_args([]))
+
+    out = tmp_path / "lora"
+    accuracy.main(["--num_tasks", "2", "--train_per_class", "4", "--test_per_class", "2", "--num_train_epochs", "2",
+                   "--seeds", "0", "--methods", "lora_per_task", "--eval_curve_points", "2",
+                   "--output_dir", str(out)])  # fmt: skip
+    lora = read(out / "accuracy.json")["runs"]["lora_per_task"][0]
+    assert lora["steps_to_95"] in (1.0, 2.0)  # one step per epoch, a curve point after each
+    assert "code " in read(out / "accuracy.json")["machine"]
+
+
+def test_guidance_report_judges_each_target_on_paired_seeds(tmp_path):
+    """benchmarks/guidance.py's report, from accuracy.json and transfer results laid out as its runs write them:
+    the contract's keys, and each target met or missed as the numbers say."""
+    import guidance
+
+    def run(seed, faa, steps):
+        return {"seed": seed, "faa": faa / 100, "steps_to_95": steps}
+
+    def write(kind, methods):
+        folder = tmp_path / f"{kind}-5"
+        folder.mkdir()
+        runs = {m: [run(s, f + s * 0.1, st) for s in range(3)] for m, (f, st) in methods.items()}
+        (folder / "accuracy.json").write_text(json.dumps({"runs": runs, "machine": "cpu", "budget": {"epochs": 8}}))
+
+    # split: ahead of no_guidance by 2 points, of minmax only in steps (40 vs 60), behind random_init in both
+    write("split", {"hyperlora": (90, 40), "no_guidance": (88, 40), "minmax": (89.5, 60), "random_init": (91, 30),
+                    "lora_per_task": (70, 50)})  # fmt: skip
+    write("mixed", {"hyperlora": (80, 20), "no_guidance": (80.2, 20), "random_init": (81, 20)})
+    (tmp_path / "transfer-split-glyph-5.json").write_text(
+        json.dumps({"forward_transfer_lora": {"mean": 14.0, "std": 2.0, "seeds": 3}})
+    )
+    result = guidance.write_report(tmp_path, "python benchmarks/guidance.py --report_only")
+    split = result["split"]
+    assert split["hyperlora"]["faa"]["mean"] == pytest.approx(90.1) and split["hyperlora"]["steps_to_95"]["mean"] == 40
+    assert split["forward_transfer_lora"]["mean"] == 14.0 and result["mixed"]["forward_transfer_lora"] is None
+    checks = split["criteria"]
+    assert checks["faa >= no_guidance + 1.0 or steps <= 0.8 x"]["met"]
+    assert checks["faa >= minmax + 1.0 or steps <= 0.8 x"]["met"]  # 40 / 60 steps
+    assert checks["faa >= minmax + 1.0 or steps <= 0.8 x"]["steps_ratio"] == pytest.approx(2 / 3)
+    assert not checks["faa >= random_init + 1.0 or steps <= 0.8 x"]["met"]
+    assert checks["faa >= lora_per_task"]["met"]
+    mixed = result["mixed"]["criteria"]
+    assert mixed["faa >= no_guidance - 0.3"]["met"] and not mixed["faa >= random_init - 0.3"]["met"]
+    assert mixed["faa >= no_guidance - 0.3"]["faa_gap"]["mean"] == pytest.approx(-0.2)
+    assert "domain" not in result
+    text = (tmp_path / "guidance.md").read_text()
+    assert "| faa >= random_init + 1.0 or steps <= 0.8 x | NO |" in text

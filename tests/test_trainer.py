@@ -515,11 +515,32 @@ def test_guidance_is_logged_over_each_guided_task_without_changing_training(tmp_
     assert guidance == results["guidance"]
     assert guidance[0] == [] and [step for step, _, _ in guidance[1]] == [1, 2, 3]
     for _, loss, norm in guidance[1]:
-        assert 0.0 <= loss <= 2.0 and np.isfinite(norm) and norm > 0  # 1 - cos, and a gradient that acts
+        assert 0.0 <= loss <= 4.0 and np.isfinite(norm) and norm > 0  # a squared gap of cosines, and a gradient
     monkeypatch.setattr(TaskStep, "guidance_probe", lambda self: None)
     unlogged = run(tmp_path / "unlogged", tasks[:2])
     assert unlogged["guidance"] == [[], []]
     assert unlogged["accuracy_matrix"] == results["accuracy_matrix"]  # the probe reads, it never trains
+
+
+def test_head_scores_are_read_against_the_frozen_backbone_and_related_tasks_start_nearer(tmp_path, tasks):
+    """h_score_features="head": every old task's score beside the frozen backbone's in its place (its head on the
+    frozen features) and how surely it beats it; a task that beats it gets half its target distance, so the new task's
+    H-embedding starts nearer to it than to the old tasks that do not."""
+    trainer = ContinualTrainer(tiny_vit(), config(h_score_features="head"), arguments(tmp_path))
+    results = trainer.fit(tasks)
+    reference, beats = np.array(results["h_score_reference"]), np.array(results["h_score_beats_reference"])
+    assert np.isnan(reference[0]).all() and np.isfinite(reference[2, :2]).all() and np.isnan(reference[1, 1:]).all()
+    assert ((0 <= beats[2, :2]) & (beats[2, :2] <= 1)).all()
+    never = ContinualTrainer(
+        tiny_vit(), config(h_score_features="head", relatedness_confidence=1.5), arguments(tmp_path / "never")
+    ).fit(tasks)
+    assert never["h_scores"][1] == results["h_scores"][1]  # task 1: the same scores; only the targets may differ
+    related = beats[1, 0] >= 0.95
+    moved = json.loads((tmp_path / "embeddings.json").read_text())["h_embeddings"][1]
+    kept = json.loads((tmp_path / "never" / "embeddings.json").read_text())["h_embeddings"][1]
+    assert (moved != kept) == related
+    plain = run(tmp_path / "lda", tasks)
+    assert np.isnan(np.array(plain["h_score_reference"], dtype=float)).all()  # lda never sees an adapter
 
 
 def test_learning_curves_end_at_each_tasks_accuracy_after_training(tmp_path, tasks):

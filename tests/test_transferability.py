@@ -8,7 +8,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from hyperlora.method.router import GaussianRouter
-from hyperlora.method.transferability import h_score, old_task_features, transferability
+from hyperlora.method.transferability import frozen_reference, h_score, old_task_features, transferability
 
 
 def blobs(n: int = 300, d: int = 6, classes: int = 3, separation: float = 2.0, seed: int = 0):
@@ -139,3 +139,29 @@ def test_head_and_pooled_features_run_each_old_task():
         old_task_features("logits", 2, features_of)
     with pytest.raises(ValueError, match="router"):
         old_task_features("lda", 2, features_of)
+
+
+def test_an_old_task_counts_as_related_only_where_it_beats_the_frozen_backbone_in_its_place():
+    """beats_reference: the share of paired resamples in which an old task's score tops the frozen backbone's read
+    the same way; features that add label information beat it every time, the reference itself ties (one half), and
+    both scores are the plain normalised H-scores (checked against h_score)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 4
+    frozen = rng.normal(size=(200, 3)) + 0.3 * labels[:, None]  # weakly informative
+    adapted = frozen + 2.0 * np.eye(4)[labels][:, :3]  # the old task's adapter separates the classes further
+    result = transferability([adapted, frozen], labels, resamples=40, reference=[frozen, frozen])
+    assert result.scores[0] == pytest.approx(h_score(adapted, labels) / 3)
+    np.testing.assert_allclose(result.reference, [h_score(frozen, labels) / 3] * 2)
+    assert result.beats_reference[0] == 1.0 and result.beats_reference[1] == 0.5
+    assert transferability([adapted], labels).beats_reference is None
+    with pytest.raises(ValueError, match="1 reference features for 2 old tasks"):
+        transferability([adapted, frozen], labels, reference=[frozen])
+
+
+def test_frozen_reference_reads_the_frozen_features_as_each_old_task_is_read():
+    frozen = torch.randn(10, 6)
+    heads = [torch.nn.Linear(6, 3), torch.nn.Linear(6, 2)]
+    reference = frozen_reference("head", 2, frozen, heads)
+    torch.testing.assert_close(reference[1], heads[1](frozen).detach())
+    assert [r is frozen for r in frozen_reference("pooled", 2, frozen)] == [True, True]
+    assert frozen_reference("lda", 2, frozen) is None  # lda never sees an adapter: nothing to compare

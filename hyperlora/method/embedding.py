@@ -13,7 +13,7 @@ from torch import nn
 
 from ..optim import cosine_schedule
 from ..tuner.config import HyperLoraConfig, Normalisation
-from .transferability import old_task_features, transferability
+from .transferability import frozen_reference, old_task_features, transferability
 
 NORMALISATIONS = get_args(Normalisation)
 
@@ -105,7 +105,12 @@ class Targets(NamedTuple):
     consistency_ratio: float | None  # AHP only
 
 
-def target_distances(scores, old_embeddings, normalisation: str = "ahp", *, resampled=None) -> Targets | None:
+INHERIT_SCALE = 0.5  # a related old task's target distance is this share of its normalised one
+
+
+def target_distances(
+    scores, old_embeddings, normalisation: str = "ahp", *, resampled=None, related=None
+) -> Targets | None:
     """How far the new task's embedding should sit from each old one: close to the old tasks that transfer best.
 
     "ahp": d_i = tau * (1 + (r_i - 1) / 8) with r_i = min(w_max / w_i, 9) from the AHP priorities w: Saaty's 1-9 scale
@@ -118,6 +123,10 @@ def target_distances(scores, old_embeddings, normalisation: str = "ahp", *, resa
     the scores are equal), so that the ablation changes the normalisation and not the scale (the authors' earlier
     d_i = (h_max - h_i) + eps + h_min sits at the scores' own scale, far inside tau); "none": no guidance (returns
     None).
+
+    ``related`` (a mask over the old tasks: those that beat the frozen backbone beyond the noise) halves their
+    targets, to [tau / 2, tau]: the new task starts nearer to them than any unrelated embedding is, and inherits
+    their generated weights; without a related old task every target stays at tau or beyond, a fresh start.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
@@ -128,13 +137,21 @@ def target_distances(scores, old_embeddings, normalisation: str = "ahp", *, resa
     if normalisation == "none":
         return None
     tau = median_pairwise_distance(E)
+    ratio = None
     if normalisation == "minmax":
         spread = h.max() - h.min()
-        return Targets(tau * (1.0 + ((h.max() - h) / spread if spread > 0 else np.zeros_like(h))), None)
-    weights, ratio = ahp_priorities(h, resampled)
-    # The eigenvector of an inconsistent matrix can spread past Saaty's 1-9 range: clip to it.
-    saaty = np.minimum(weights.max() / weights, 9.0)
-    return Targets(tau * (1.0 + (saaty - 1.0) / 8.0), ratio)
+        distances = tau * (1.0 + ((h.max() - h) / spread if spread > 0 else np.zeros_like(h)))
+    else:
+        weights, ratio = ahp_priorities(h, resampled)
+        # The eigenvector of an inconsistent matrix can spread past Saaty's 1-9 range: clip to it.
+        saaty = np.minimum(weights.max() / weights, 9.0)
+        distances = tau * (1.0 + (saaty - 1.0) / 8.0)
+    if related is not None:
+        mask = np.asarray(related, dtype=bool)
+        if mask.shape != h.shape:
+            raise ValueError(f"related must mark each of the {h.size} old tasks, got shape {mask.shape}")
+        distances = np.where(mask, INHERIT_SCALE * distances, distances)
+    return Targets(distances, ratio)
 
 
 GAMMA_PRIOR = 1e-3
@@ -224,6 +241,8 @@ class GuidedEmbedding(NamedTuple):
     gamma: float | None
     consistency_ratio: float | None
     rank_correlation: float | None
+    reference: np.ndarray | None = None  # the frozen backbone's score in each old task's place
+    beats_reference: np.ndarray | None = None  # how surely each old task beats it (share of resamples)
 
 
 def guided_embedding(
@@ -237,19 +256,32 @@ def guided_embedding(
     router=None,
 ) -> GuidedEmbedding:
     """The stage before a new task trains: the old tasks' transferability to it (``features_of`` and ``labels`` are
-    its sampled images, as ``old_task_features`` reads them), the target distances, and the fitted H-embedding."""
-    old_features = old_task_features(
-        config.h_score_features, len(old_embeddings), features_of, heads=heads, router=router
-    )
+    its sampled images, as ``old_task_features`` reads them), which old tasks beat the frozen backbone
+    (``frozen_reference``), the target distances, and the fitted H-embedding."""
+    kind, num_old = config.h_score_features, len(old_embeddings)
+    old_features = old_task_features(kind, num_old, features_of, heads=heads, router=router)
+    reference = None if kind == "lda" else frozen_reference(kind, num_old, features_of(None), heads)
     scores = transferability(
-        old_features, labels, shrinkage=config.h_score_shrinkage, resamples=config.h_score_resamples, seed=seed
+        old_features,
+        labels,
+        shrinkage=config.h_score_shrinkage,
+        resamples=config.h_score_resamples,
+        seed=seed,
+        reference=reference,
     )
+    related = None if scores.beats_reference is None else scores.beats_reference >= config.relatedness_confidence
     targets = target_distances(
-        scores.scores, old_embeddings, normalisation=config.normalisation, resampled=scores.resampled
+        scores.scores, old_embeddings, normalisation=config.normalisation, resampled=scores.resampled, related=related
     )
     if targets is None:
-        return GuidedEmbedding(scores.scores, None, None, None, None)
+        return GuidedEmbedding(scores.scores, None, None, None, None, scores.reference, scores.beats_reference)
     fitted = fit_h_embedding(old_embeddings, targets.distances, steps=config.h_embedding_steps, seed=seed)
     return GuidedEmbedding(
-        scores.scores, fitted.embedding, fitted.gamma, targets.consistency_ratio, fitted.rank_correlation
+        scores.scores,
+        fitted.embedding,
+        fitted.gamma,
+        targets.consistency_ratio,
+        fitted.rank_correlation,
+        scores.reference,
+        scores.beats_reference,
     )

@@ -9,6 +9,9 @@ features each old task is judged by (``old_task_features``) is ``HyperLoraConfig
 - ``"head"``: the old task's head's logits under its generated adapter: C_i dimensions, a forward pass per old task;
 - ``"pooled"``: the pooled features under the old task's adapter (the original method). With n samples not well above
   the feature dimension d this saturates at C - 1 for any features, which is why it is no longer the default.
+
+"head" and "pooled" also score the frozen backbone in each old task's place (``frozen_reference``): an old task is
+related to the new one only where it beats that reference in most resamples, not merely where it ranks first.
 """
 
 from __future__ import annotations
@@ -93,10 +96,13 @@ def h_score(features, labels, shrinkage: bool = True) -> float:
 
 
 class Transferability(NamedTuple):
-    """Every old task's normalised H-score on the new task, and the same on paired bootstrap resamples."""
+    """Every old task's normalised H-score on the new task, and the same on paired bootstrap resamples; with a
+    reference, the score the frozen backbone earns in the old task's place, and how surely the old task beats it."""
 
     scores: np.ndarray  # (old tasks,), in [0, 1]
     resampled: np.ndarray | None  # (resamples, old tasks): one resample of the new task's samples per row
+    reference: np.ndarray | None = None  # (old tasks,): the frozen backbone's score read the same way
+    beats_reference: np.ndarray | None = None  # (old tasks,): share of resamples with score > reference (ties half)
 
 
 def old_task_features(
@@ -124,27 +130,60 @@ def old_task_features(
     return [features_of(i) for i in range(num_old_tasks)]
 
 
+def frozen_reference(kind: str, num_old_tasks: int, frozen, heads: Sequence[nn.Module] | None = None):
+    """What the frozen backbone makes of the new task's samples in each old task's place, read as
+    ``old_task_features`` reads the old task (``frozen``: their pooled features without any adapter): for "head",
+    old task i's head on the frozen features; for "pooled", the frozen features themselves. None for "lda", which
+    never sees an adapter, so has nothing to compare. An old task that does not beat its reference by more than the
+    noise transfers nothing that the backbone does not already give."""
+    if kind == "lda":
+        return None
+    if kind == "head":
+        with torch.no_grad():
+            return [heads[i](frozen.to(heads[i].weight.dtype)) for i in range(num_old_tasks)]
+    return [frozen] * num_old_tasks
+
+
 def transferability(
-    old_features: Sequence, labels, *, shrinkage: bool = True, resamples: int = 0, seed: int = 0
+    old_features: Sequence,
+    labels,
+    *,
+    shrinkage: bool = True,
+    resamples: int = 0,
+    seed: int = 0,
+    reference: Sequence | None = None,
 ) -> Transferability:
     """H(F_i, y) / (C - 1) for every old task's features F_i on the new task's labels y (C classes), in [0, 1].
 
     ``resamples`` bootstrap resamples (within each class, so every class stays present) are drawn once and shared by
-    all old tasks, so that their scores can be compared resample by resample.
+    all old tasks (and their ``reference`` features, ``frozen_reference``), so that scores can be compared resample
+    by resample.
     """
     y = _as_labels(labels)
     classes = np.unique(y)
     if len(classes) < 2:
         raise ValueError(f"the H-score needs at least 2 classes, got {len(classes)}")
     matrices = [_as_float64(features) for features in old_features]
+    if reference is not None and len(reference) != len(matrices):
+        raise ValueError(f"{len(reference)} reference features for {len(matrices)} old tasks")
+    references = [] if reference is None else [_as_float64(features) for features in reference]
+    everything = matrices + references
     norm = len(classes) - 1
-    scores = np.array([h_score(F, y, shrinkage) / norm for F in matrices])
-    if resamples <= 0:
-        return Transferability(scores, None)
-    rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(y == c) for c in classes]
-    resampled = np.empty((resamples, len(matrices)))
-    for b in range(resamples):
-        rows = np.concatenate([rng.choice(m, size=len(m)) for m in members])
-        resampled[b] = [h_score(F[rows], y[rows], shrinkage) / norm for F in matrices]
-    return Transferability(scores, resampled)
+    scores = np.array([h_score(F, y, shrinkage) / norm for F in everything])
+    resampled = None
+    if resamples > 0:
+        rng = np.random.default_rng(seed)
+        members = [np.flatnonzero(y == c) for c in classes]
+        resampled = np.empty((resamples, len(everything)))
+        for b in range(resamples):
+            rows = np.concatenate([rng.choice(m, size=len(m)) for m in members])
+            resampled[b] = [h_score(F[rows], y[rows], shrinkage) / norm for F in everything]
+    n = len(matrices)
+    own = Transferability(scores[:n], None if resampled is None else resampled[:, :n])
+    if reference is None:
+        return own
+    if resampled is None:
+        beats = (scores[:n] > scores[n:]) + 0.5 * (scores[:n] == scores[n:])
+    else:
+        beats = (resampled[:, :n] > resampled[:, n:]).mean(0) + 0.5 * (resampled[:, :n] == resampled[:, n:]).mean(0)
+    return own._replace(reference=scores[n:], beats_reference=beats.astype(float))

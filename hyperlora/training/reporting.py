@@ -100,6 +100,8 @@ def run_results(state: RunState, config: HyperLoraConfig) -> dict[str, Any]:
     results.update(
         task_names=state.task_names,
         h_scores=state.h_scores,
+        h_score_reference=state.h_score_reference,
+        h_score_beats_reference=state.h_score_beats_reference,
         h_score_features=config.h_score_features,
         consistency_ratio=state.consistency_ratio,
         gamma=state.gamma,

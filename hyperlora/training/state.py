@@ -22,6 +22,8 @@ class RunState:
     task_il: Matrix
     class_il: Matrix
     h_scores: Matrix
+    h_score_reference: Matrix  # [t][i]: the frozen backbone's score in old task i's place (head / pooled features)
+    h_score_beats_reference: Matrix  # [t][i]: share of resamples in which old task i beats it
     h_embeddings: list[list[float] | None]
     learning_curves: list[list[list[float]]]  # per task, [step, test accuracy] pairs
     guidance: list[list[list[float]]]  # per task, [step, guidance loss, its weighted gradient norm on the hypernet]
@@ -51,6 +53,8 @@ class RunState:
             task_il=[row() for _ in range(n)],
             class_il=[row() for _ in range(n)],
             h_scores=[row() for _ in range(n)],
+            h_score_reference=[row() for _ in range(n)],
+            h_score_beats_reference=[row() for _ in range(n)],
             h_embeddings=[None] * n,
             learning_curves=[[] for _ in range(n)],
             guidance=[[] for _ in range(n)],
@@ -74,9 +78,14 @@ class RunState:
     def from_json(cls, saved: dict[str, Any]) -> RunState:
         """The state a checkpoint's state.json holds (JSON stores NaN as null: the numeric tables get NaN back)."""
         known = {f.name for f in fields(cls)}
-        saved = {"guidance": [[] for _ in saved["task_names"]]} | saved  # checkpoints from before the guidance log
-        state = cls(**{key: value for key, value in saved.items() if key in known})
-        for name in ("task_il", "class_il", "h_scores"):
+        n = len(saved["task_names"])
+        earlier = {  # checkpoints from before the guidance log and the frozen reference
+            "guidance": [[] for _ in range(n)],
+            "h_score_reference": [[None] * n for _ in range(n)],
+            "h_score_beats_reference": [[None] * n for _ in range(n)],
+        }
+        state = cls(**{key: value for key, value in (earlier | saved).items() if key in known})
+        for name in ("task_il", "class_il", "h_scores", "h_score_reference", "h_score_beats_reference"):
             setattr(state, name, [_nan_row(row) for row in getattr(state, name)])
         for name in (
             "gamma",

@@ -206,6 +206,9 @@ class ContinualTrainer:
             old, features_of, labels, config, seed=self.args.seed + t, heads=self.heads, router=self.router
         )
         state.h_scores[t][:t] = guided.scores.tolist()
+        if guided.reference is not None:
+            state.h_score_reference[t][:t] = guided.reference.tolist()
+            state.h_score_beats_reference[t][:t] = guided.beats_reference.tolist()
         if guided.embedding is None:
             return self._add_task(None)
         state.gamma[t] = guided.gamma

@@ -39,7 +39,7 @@ _POSITIVE_INTS = (
     "h_score_samples",
     "reg_max_tasks",
 )
-_NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage")
+_NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage", "relatedness_confidence")
 _NUMBERS = ("lora_alpha", "lora_dropout", *_NON_NEGATIVE_FLOATS)
 _BOOLS = ("h_score_shrinkage", "head_projection", "inference_mode")
 _MODULE_LISTS = ("target_modules", "exclude_modules", "modules_to_save")
@@ -87,6 +87,14 @@ class HyperLoraConfig(PeftConfig):
     h_score_shrinkage: bool = field(default=True, metadata={"help": "Ledoit-Wolf H_alpha (True) or plain."})
     h_score_resamples: int = field(
         default=50, metadata={"help": "Bootstrap resamples that tell AHP which H-score gaps are noise (0: none)."}
+    )
+    relatedness_confidence: float = field(
+        default=0.95,
+        metadata={
+            "help": "An old task is related to the new one, and its target distance halves so that the new task "
+            "starts near it, when it beats the frozen backbone's score in this share of the resamples (h_score_features "
+            "head or pooled; lda has no such reference). Above 1: never."
+        },
     )
     normalisation: Normalisation = field(default="ahp", metadata={"help": "ahp | minmax | none."})
     h_embedding_steps: int = field(default=500, metadata={"help": "Adam steps of the H-embedding fit."})
