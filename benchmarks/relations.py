@@ -53,7 +53,7 @@ from hyperlora.cli import parse
 from hyperlora.data import Task, TaskImages, image_spec, pooled_features
 from hyperlora.demo import build_backbone
 from hyperlora.files import atomic_write_json, atomic_write_text
-from hyperlora.method.embedding import fit_h_embedding, target_distances
+from hyperlora.method.embedding import fit_h_embedding, median_pairwise_distance, target_distances
 from hyperlora.method.transferability import H_SCORE_FEATURES, old_task_features, transferability
 from hyperlora.structured import Domain, TaskSpec, relation_matrix, shape_task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
@@ -214,6 +214,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
                 "consistency_ratio": targets.consistency_ratio,
                 "gamma": fitted.gamma,
                 "fit_rank_correlation": fitted.rank_correlation,
+                "tau": median_pairwise_distance(old_embeddings.numpy()),
                 "scratch_log_likelihood": float(scratch_likelihood),
                 "scratch_accuracy": float(scratch_accuracy),
             }
@@ -265,6 +266,33 @@ def ceiling(runs: list[dict], probe: int | None = None) -> list[float]:
     return [spearmanr(truth(a, p), truth(b, p)).statistic for a, b in combinations(runs, 2) for p in probes]
 
 
+def top_ranked(runs: list[dict], kind: str) -> dict:
+    """For each probe with an old task whose transfer is positive beyond its seed-to-seed noise (mean over seeds above
+    twice its standard error), the share of seeds in which ``kind``'s H-score ranks one of those first; over all such
+    (probe, seed) pairs, ``share``. For the probes with none, how far the H-embedding starts from the nearest old
+    embedding, in units of tau (where the run recorded tau): at least 1 is a fresh start."""
+    probes = {}
+    hits = []
+    for p, entry in enumerate(runs[0]["probes"]):
+        truth = np.array([[row[GROUND_TRUTH] for row in run["probes"][p]["pairs"]] for run in runs])
+        error = truth.std(0, ddof=1) / np.sqrt(len(runs))
+        positive = (truth.mean(0) > 0) & (truth.mean(0) > 2 * error)
+        names = [row["old_task"] for row in entry["pairs"]]
+        record = {"positive": [name for name, keep in zip(names, positive, strict=True) if keep]}
+        if positive.any():
+            tops = [int(np.argmax([row[f"h_score_{kind}"] for row in run["probes"][p]["pairs"]])) for run in runs]
+            record["top"] = [names[t] for t in tops]
+            hits += [bool(positive[t]) for t in tops]
+        else:
+            record["nearest_over_tau"] = [
+                min(row["embedding_distance"] for row in run["probes"][p]["pairs"]) / run["probes"][p]["tau"]
+                for run in runs
+                if "tau" in run["probes"][p]
+            ]
+        probes[entry["probe"]] = record
+    return {"share": float(np.mean(hits)) if hits else None, "pairs": len(hits), "probes": probes}
+
+
 def _stat(values) -> dict[str, float | None]:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
@@ -272,17 +300,47 @@ def _stat(values) -> dict[str, float | None]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
-def write_report(out: Path, runs: list[dict], args: argparse.Namespace) -> str:
+def _top_ranked_lines(ranked: dict | None) -> list[str]:
+    if ranked is None:
+        return []
+    lines = [
+        "Does the top-ranked old task transfer? Per probe with an old task whose transfer is positive beyond its "
+        "seed-to-seed noise (mean over seeds above twice its standard error), the share of seeds in which the H-score "
+        "ranks one of them first (target: 80%); for probes with none, the H-embedding's distance to the nearest old "
+        "embedding over tau (target: at least 1).",
+        "",
+        "| features | top-ranked transfers | probes with positive transfer (old tasks) | none: nearest / tau |",
+        "|---|---|---|---|",
+    ]
+    for kind, result in ranked.items():
+        positive = "; ".join(
+            f"{name} ({', '.join(record['positive'])})"
+            for name, record in result["probes"].items()
+            if record["positive"]
+        )
+        fresh = "; ".join(
+            f"{name} ({', '.join(f'{v:.2f}' for v in record['nearest_over_tau']) or 'tau not recorded'})"
+            for name, record in result["probes"].items()
+            if not record["positive"]
+        )
+        share = "-" if result["share"] is None else f"{100 * result['share']:.0f}% of {result['pairs']}"
+        lines.append(f"| {kind} | {share} | {positive or '-'} | {fresh or '-'} |")
+    return [*lines, ""]
+
+
+def write_report(out: Path, runs: list[dict], args: argparse.Namespace, date: str | None = None) -> str:
+    """relations.json and .md; ``date``: when the runs were made (today unless merged from earlier reports)."""
     machine = "; ".join(sorted({run.get("machine", run.get("device", "cpu")) for run in runs}))
     summary = {
         "machine": machine,
-        "date": datetime.date.today().isoformat(),
+        "date": date or datetime.date.today().isoformat(),
         "arguments": vars(args),
         "ground_truth_ceiling": _stat(ceiling(runs)) if len(runs) > 1 else {"mean": None, "std": None},
         **{name: _stat([run[name] for run in runs]) for name in [*SCORES, "spearman_h_score"]},
         "delta_w_cosine": {
             kind: _stat([run["delta_w_cosine"][kind] for run in runs]) for kind in ("related", "unrelated")
         },
+        "top_ranked": {kind: top_ranked(runs, kind) for kind in H_SCORE_FEATURES} if len(runs) > 1 else None,
         "runs": runs,
     }
     atomic_write_json(out / "relations.json", summary)
@@ -320,6 +378,7 @@ def write_report(out: Path, runs: list[dict], args: argparse.Namespace) -> str:
         f"same factor {cell(summary['delta_w_cosine']['related'])}, "
         f"different factors {cell(summary['delta_w_cosine']['unrelated'])}.",
         "",
+        *_top_ranked_lines(summary["top_ranked"]),
         *_per_probe(runs),
     ]
     text = "\n".join(lines)
@@ -398,9 +457,11 @@ def main(argv=None) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        runs = [run for source in args.merge for run in json.loads(Path(source).read_text())["runs"]]
+        sources = [json.loads(Path(source).read_text()) for source in args.merge]
+        runs = [run for source in sources for run in source["runs"]]
         args.seeds = [run["seed"] for run in runs]
-        print(write_report(out, sorted(runs, key=lambda run: run["seed"]), args))
+        date = max(source["date"] for source in sources)  # the latest run's, not the merge's
+        print(write_report(out, sorted(runs, key=lambda run: run["seed"]), args, date))
         return
     runs = []
     for seed in args.seeds:

@@ -504,7 +504,10 @@ def test_relations_report_gives_each_probe_its_own_ceiling_and_the_command_its_o
     num_probes = len(relations.RELATION_FACTORS)
 
     def run(seed: int) -> dict:
-        pairs = [[dict(zip(keys, rng.random(len(keys)), strict=True)) for _ in range(6)] for _ in range(num_probes)]
+        pairs = [
+            [dict(zip(keys, rng.random(len(keys)), strict=True)) | {"old_task": f"old-{k}"} for k in range(6)]
+            for _ in range(num_probes)
+        ]
         probes = [{"probe": f"probe-{p}", "pairs": rows} for p, rows in enumerate(pairs)]
         cosines = {"related": 0.5, "unrelated": 0.3}
         correlations = relations.correlations(probes, "lda")
@@ -519,6 +522,37 @@ def test_relations_report_gives_each_probe_its_own_ceiling_and_the_command_its_o
         assert relations.ceiling(runs, p) == pytest.approx([expected])
         assert f"| probe-{p} | {expected:.2f} |" in text
     assert relations.ceiling(runs) == pytest.approx([relations.ceiling(runs, p)[0] for p in range(num_probes)])
+
+
+def test_relations_top_ranked_counts_only_old_tasks_that_transfer_beyond_seed_noise():
+    """An old task with a positive mean transfer within twice its standard error over seeds is not "positive"; the
+    share counts, per seed, whether the score's first pick is a positive one; a probe with none reports how far its
+    H-embedding starts, over tau."""
+    import relations
+
+    def run(seed, transfers, scores, distances=(3.0, 4.0, 5.0), tau=2.0):
+        def pairs(t, s):
+            return [{"old_task": f"old-{k}", "transfer_accuracy": t[k], "h_score_head": s[k],
+                     "embedding_distance": distances[k]} for k in range(3)]  # fmt: skip
+
+        return {"seed": seed, "probes": [{"probe": "a", "pairs": pairs(transfers, scores), "tau": tau},
+                                         {"probe": "b", "pairs": pairs([-0.1, -0.2, 0.05 * (-1) ** seed],
+                                                                       [0.1, 0.2, 0.3]), "tau": tau}]}  # fmt: skip
+
+    # probe a: old-0 transfers +10 points every seed; old-1 +/-: noise; old-2 never
+    runs = [
+        run(0, [0.10, 0.30, -0.1], [0.9, 0.1, 0.5]),  # picks old-0: a hit
+        run(1, [0.11, -0.30, -0.1], [0.1, 0.9, 0.5]),  # picks old-1: within noise, a miss
+        run(2, [0.09, 0.20, -0.1], [0.1, 0.2, 0.7]),  # picks old-2: a miss
+    ]
+    result = relations.top_ranked(runs, "head")
+    assert result["probes"]["a"]["positive"] == ["old-0"] and result["probes"]["a"]["top"] == [
+        "old-0",
+        "old-1",
+        "old-2",
+    ]
+    assert result["share"] == pytest.approx(1 / 3) and result["pairs"] == 3
+    assert result["probes"]["b"] == {"positive": [], "nearest_over_tau": [1.5, 1.5, 1.5]}
 
 
 def test_scale_benchmark_times_the_estimator_it_is_given():
