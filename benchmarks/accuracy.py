@@ -500,6 +500,9 @@ def method_metrics(method: str, result: dict) -> dict:
         metrics["steps_to_95"] = steps_to_95(result["learning_curves"])
     if any(result.get("guidance") or []):  # per task [step, L_emb, norm of its gradient]: does the guidance act?
         metrics["guidance"] = result["guidance"]
+    beats = result.get("h_score_beats_reference")
+    if beats is not None and np.isfinite(np.array(beats, dtype=float)).any():  # which old tasks counted as related
+        metrics["h_score_beats_reference"] = beats
     if "frozen_baselines" in result:  # the trainer's own frozen probe and LDA, on the same run's features
         metrics["frozen_baselines"] = {k: v for k, v in result["frozen_baselines"].items() if not k.endswith("task")}
     return metrics
