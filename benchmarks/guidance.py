@@ -16,6 +16,7 @@ then writes guidance.json and guidance.md there. ``--report_only`` only reads wh
 benchmarks/results/guidance/split-5 --append``).
 
     python benchmarks/guidance.py --seeds 0 1 2
+    python benchmarks/guidance.py --sequences --scaling 10 20 --seeds 0 1  # split at 10 and 20 tasks, 2 seeds
     python benchmarks/guidance.py --report_only
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import accuracy
@@ -47,6 +49,12 @@ def transfer_path(out: Path, kind: str) -> Path:
 
 
 def run(args: argparse.Namespace, out: Path) -> None:
+    for num_tasks in args.scaling:  # the split sequence's longer lengths: HyperLoRA against one LoRA per task
+        accuracy.main(
+            ["--sequence", "split", "--num_tasks", str(num_tasks), "--later_train_per_class",
+             str(args.later_train_per_class), "--methods", "hyperlora", "lora_per_task",
+             "--seeds", *map(str, args.seeds[:2]), "--output_dir", str(out / f"split-{num_tasks}"), "--append"]
+        )  # fmt: skip
     for kind in args.sequences:
         later = str(args.later_train_per_class)
         accuracy.main(
@@ -125,6 +133,27 @@ def criteria(kind: str, methods: dict) -> dict:
     return checks
 
 
+SCALING_TASKS = (5, 10, 20)
+
+
+def scaling(out: Path) -> dict | None:
+    """The split sequence at 5, 10 and 20 tasks (``--scaling``, or accuracy.py runs into split-<N>): HyperLoRA minus
+    one LoRA per task, paired by seed, and whether it grows with the number of tasks."""
+    rows = {}
+    for num_tasks in SCALING_TASKS:
+        path = out / f"split-{num_tasks}" / "accuracy.json"
+        if not path.exists():
+            continue
+        runs = json.loads(path.read_text())["runs"]
+        faa = {m: {r["seed"]: 100 * r["faa"] for r in runs.get(m, [])} for m in ("hyperlora", "lora_per_task")}
+        if (gap := _paired(faa["hyperlora"], faa["lora_per_task"])) is not None:
+            rows[str(num_tasks)] = {m: _stats(list(v.values())) for m, v in faa.items()} | {"difference": gap}
+    if len(rows) < 2:
+        return None if not rows else {"tasks": rows, "grows": None}
+    gaps = [rows[n]["difference"]["mean"] for n in rows]
+    return {"tasks": rows, "grows": bool(all(b > a for a, b in pairwise(gaps)))}
+
+
 def write_report(out: Path, command: str) -> dict:
     result, machines, version = {}, [], None
     for kind in SEQUENCES:
@@ -143,6 +172,7 @@ def write_report(out: Path, command: str) -> dict:
         entry["budget"] = report["budget"]
         result[kind] = entry
         version = version or report.get("version")
+    result["split_scaling"] = scaling(out)
     result["machine"] = "; ".join(machines)
     result["command"] = command
     atomic_write_json(out / "guidance.json", result)
@@ -199,17 +229,36 @@ def markdown(result: dict) -> str:
                 f"| {name} | {'yes' if check['met'] else 'NO'} | {diff} | {'-' if ratio is None else f'{ratio:.2f}'} |"
             )
         lines.append("")
+    grown = result.get("split_scaling")
+    if grown:
+        lines += [
+            "## split: does HyperLoRA's lead over one LoRA per task grow with the number of tasks?",
+            "",
+            "| tasks | seeds | HyperLoRA | LoRA per task | difference (paired) |",
+            "|---|---|---|---|---|",
+        ]
+        for num_tasks, row in grown["tasks"].items():
+            gap = row["difference"]
+            lines.append(
+                f"| {num_tasks} | {gap['seeds']} | {_cell(row['hyperlora'], 2)} | {_cell(row['lora_per_task'], 2)} "
+                f"| {gap['mean']:+.2f} ± {gap['std']:.2f} |"
+            )
+        verdict = {True: "it grows", False: "it does not grow", None: "one length only"}[grown["grows"]]
+        lines += ["", f"The difference against the number of tasks: {verdict}.", ""]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequences", nargs="+", choices=SEQUENCES, default=list(SEQUENCES))
+    parser.add_argument("--sequences", nargs="*", choices=SEQUENCES, default=list(SEQUENCES))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--later_train_per_class", type=int, default=50, help="each later task's training images")
     parser.add_argument("--eval_curve_points", type=int, default=10, help="test evaluations per task: steps to 95%%")
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results" / "guidance"))
+    parser.add_argument(
+        "--scaling", nargs="*", type=int, default=[], help="also run split at these lengths (10 20), first 2 seeds"
+    )
     parser.add_argument("--report_only", action="store_true", help="only aggregate the runs already there")
     return parse(parser, argv)
 

@@ -631,8 +631,8 @@ def test_guidance_report_judges_each_target_on_paired_seeds(tmp_path):
     def run(seed, faa, steps):
         return {"seed": seed, "faa": faa / 100, "steps_to_95": steps}
 
-    def write(kind, methods):
-        folder = tmp_path / f"{kind}-5"
+    def write(kind, methods, num_tasks=5):
+        folder = tmp_path / f"{kind}-{num_tasks}"
         folder.mkdir()
         runs = {m: [run(s, f + s * 0.1, st) for s in range(3)] for m, (f, st) in methods.items()}
         (folder / "accuracy.json").write_text(json.dumps({"runs": runs, "machine": "cpu", "budget": {"epochs": 8}}))
@@ -660,3 +660,9 @@ def test_guidance_report_judges_each_target_on_paired_seeds(tmp_path):
     assert "domain" not in result
     text = (tmp_path / "guidance.md").read_text()
     assert "| faa >= random_init + 1.0 or steps <= 0.8 x | NO |" in text
+    assert result["split_scaling"] == {"tasks": {"5": result["split_scaling"]["tasks"]["5"]}, "grows": None}
+
+    write("split", {"hyperlora": (85, None), "lora_per_task": (60, None)}, num_tasks=10)  # 25 points ahead, not 20
+    grown = guidance.write_report(tmp_path, "python benchmarks/guidance.py --report_only")["split_scaling"]
+    assert grown["tasks"]["10"]["difference"]["mean"] == pytest.approx(25.0) and grown["grows"]
+    assert "it grows" in (tmp_path / "guidance.md").read_text()
