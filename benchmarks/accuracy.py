@@ -6,7 +6,8 @@ Methods (``--methods``):
 - ablations, each one HyperLoraConfig switch: ``no_guidance`` (normalisation "none": learned, randomly initialised
   task embeddings, no H-embedding), ``minmax`` (min-max instead of AHP), ``random_init`` (task embeddings start at
   random, guidance kept), ``no_projection`` (head updates not projected away from old tasks), ``no_regulariser``
-  (beta_reg 0); a variant, ``head_scores`` (h_score_features "head": the old tasks' heads under their adapters, read
+  (beta_reg 0), ``no_emb_loss`` (beta_emb 0: the H-embedding start without the guidance loss); a variant,
+  ``head_scores`` (h_score_features "head": the old tasks' heads under their adapters, read
   against the frozen backbone, so that a related old task is inherited from);
 - ``lora_per_task``: one independent PEFT LoRA adapter and head per task (task-incremental ceiling, T adapters);
 - ``lora_sequential``: one PEFT LoRA adapter fine-tuned through all tasks, a head per task (the forgetting floor);
@@ -369,6 +370,7 @@ ABLATIONS = {
     "random_init": {"embedding_init": "random"},
     "no_projection": {"head_projection": False},
     "no_regulariser": {"beta_reg": 0.0},
+    "no_emb_loss": {"beta_emb_slope": 0.0},  # the H-embedding start without the guidance loss: does L_emb act?
     "head_scores": {"h_score_features": "head"},  # old tasks' models, with the frozen reference: may inherit
 }
 
