@@ -766,3 +766,41 @@ def test_protected_tasks_generated_weights_stay_exact_and_release_folds_the_free
     released = net(net.stacked_task_embeddings())
     for m in range(3):
         torch.testing.assert_close(released.B[m], after.B[m], rtol=1e-4, atol=1e-5)
+
+
+def test_paced_free_part_moves_the_new_task_as_an_unprotected_head_would_and_keeps_old_tasks_exact():
+    """pace_task: the free part is scaled by |h| / |Q^T h| of the new task's activations (numpy), the same weights
+    come out, one Adam step moves the new task's weights pace times as far as without it, the old tasks' not at all,
+    and release folds the scale into the weights."""
+    moved, paces = {}, {}
+    for paced in (False, True):
+        net = _trained_hypernet([(12, 8), (8, 12), (12, 8)])
+        before = net(net.stacked_task_embeddings())
+        net.protect_tasks([0, 1], pace_task=2 if paced else None)
+        start = net(net.stacked_task_embeddings())
+        for m in range(3):
+            torch.testing.assert_close(start.B[m], before.B[m], rtol=1e-4, atol=1e-5)
+        if paced:
+            hidden = net.hidden(net.stacked_task_embeddings([2]))[0].detach().double().numpy()
+            for key, (_, Q) in net.head_bases([0, 1]).items():
+                h = hidden[net._groups[key]]
+                expected = np.linalg.norm(h) / np.linalg.norm(h @ Q.double().numpy())
+                assert net.fixed[key][3] == pytest.approx(min(expected, 10.0), rel=1e-5) and expected > 1
+                paces[key] = net.fixed[key][3]
+        optimizer = torch.optim.Adam(list(net.free.values()), lr=1e-3)
+        torch.manual_seed(1)
+        directions = [torch.randn_like(b) for b in start.B]
+        sum((b[2] * d).sum() for b, d in zip(start.B, directions, strict=True)).backward()
+        optimizer.step()  # Adam's first step: lr times the gradient's sign, the same signs with or without pace
+        with torch.no_grad():
+            after = net(net.stacked_task_embeddings())
+        moved[paced] = [(after.B[m] - start.B[m]).detach() for m in range(3)]
+        for m in range(3):
+            torch.testing.assert_close(after.B[m][:2], start.B[m][:2], rtol=1e-4, atol=1e-5)  # old tasks: exact
+        net.release_tasks()
+        released = net(net.stacked_task_embeddings())
+        for m in range(3):
+            torch.testing.assert_close(released.B[m], after.B[m], rtol=1e-4, atol=1e-5)
+    for m, key in enumerate(["12x8", "8x12", "12x8"]):
+        ratio = moved[True][m][2].norm() / moved[False][m][2].norm()
+        assert ratio.item() == pytest.approx(paces[key], rel=1e-3)

@@ -57,7 +57,7 @@ class TaskStep(nn.Module):
                     h_output = tuner.hypernet(h_embedding.to(head.weight.device, torch.float32)[None])
                     self.kappa = relation_targets(h_output, self.old_outputs)
         if t > 0 and config.head_projection:  # the heads train only where the old tasks' activations are not
-            tuner.hypernet.protect_tasks(range(t))
+            tuner.hypernet.protect_tasks(range(t), pace_task=t if config.free_pace else None)
         self.reg_generator = torch.Generator().manual_seed(seed + 7919 * (t + 1))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -41,7 +41,7 @@ _POSITIVE_INTS = (
 )
 _NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage", "relatedness_confidence")
 _NUMBERS = ("lora_alpha", "lora_dropout", *_NON_NEGATIVE_FLOATS)
-_BOOLS = ("h_score_shrinkage", "head_projection", "inference_mode")
+_BOOLS = ("h_score_shrinkage", "head_projection", "free_pace", "inference_mode")
 _MODULE_LISTS = ("target_modules", "exclude_modules", "modules_to_save")
 # adapter_config.json key (not a field) with the SHA-256 of the weights file(s) saved next to it.
 CHECKSUM_KEY = "weights_sha256"
@@ -106,6 +106,13 @@ class HyperLoraConfig(PeftConfig):
         metadata={
             "help": "Project every update of the hypernet's heads onto the null space of the old tasks' hidden "
             "activations, so that training a task leaves the old tasks' generated weights as they were."
+        },
+    )
+    free_pace: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale each head's free part so that the new task's weights move at a LoRA's pace however much of "
+            "its activation lies in the protected directions (a task started near an old one overlaps them most)."
         },
     )
     beta_reg: float = field(default=0.05, metadata={"help": "Weight of the hypernet output regulariser."})

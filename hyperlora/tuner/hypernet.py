@@ -62,6 +62,9 @@ class HypernetOutput:
         )
 
 
+MAX_PACE = 10.0  # the free part's largest scale: a task whose activation is almost all protected learns 10x slower
+
+
 def _shape_key(shape: tuple[int, int]) -> str:
     out_features, in_features = shape
     return f"{out_features}x{in_features}"
@@ -131,7 +134,7 @@ class HyperNetwork(nn.Module):
         # While a task trains with old tasks protected: each head's free part D (see protect_tasks), and its fixed
         # (U, Q, C) where W = C U^T + D Q^T. Empty otherwise, so saved adapters hold the heads' weights alone.
         self.free = nn.ParameterDict()
-        self.fixed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.fixed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]] = {}
         # Runtime state, not saved: which task calls without task_ids use, and which one is merged.
         self.active_task: int | None = None
         self.merged_task: int | None = None
@@ -204,9 +207,10 @@ class HyperNetwork(nn.Module):
         flat = {}
         for (key, head), scaled in zip(self.heads.items(), scaled_all.split(sizes, dim=1), strict=True):
             scaled = scaled.contiguous()  # as one (T * members, hidden) matrix: each product below is a single mm
-            if key in self.fixed:  # W = C U^T + D Q^T, without forming W
-                U, Q, C = self.fixed[key]
-                flat[key] = (scaled @ U) @ C.t() + (scaled @ Q) @ self.free[key].t()
+            if key in self.fixed:  # W = C U^T + pace D Q^T, without forming W
+                U, Q, C, pace = self.fixed[key]
+                free = (scaled @ Q) @ self.free[key].t()
+                flat[key] = (scaled @ U) @ C.t() + (free if pace is None else pace * free)
             else:
                 flat[key] = scaled @ head.weight.t()
         return HypernetOutput(hidden, flat, self)
@@ -253,7 +257,7 @@ class HyperNetwork(nn.Module):
         return bases
 
     @torch.no_grad()
-    def protect_tasks(self, task_ids: Sequence[int], max_rank: int | None = None) -> None:
+    def protect_tasks(self, task_ids: Sequence[int], max_rank: int | None = None, pace_task: int | None = None) -> None:
         """Until ``release_tasks``, train each head only in the hidden directions the given tasks do not feed it:
         their generated (A, B) then cannot move through the heads, exactly, whatever the optimizer does.
 
@@ -261,21 +265,31 @@ class HyperNetwork(nn.Module):
         protected tasks' activations (``head_bases``): C = W U is fixed and D, in ``free``, is what trains. An
         optimizer over D steps every free direction at its own pace (Adam: about lr, as a LoRA's weights) and never
         a protected one, and a step costs what an unprotected one costs: no projection before or after it.
+
+        With ``pace_task``, the free part is scaled by pace = |h| / |Q^T h| over that task's activations h at this
+        head (at most ``MAX_PACE``), and D starts at W Q / pace: the same weights, but a step of D moves the task's
+        generated weights as far as a step of an unprotected head would, however much of h lies in the protected
+        directions (a task started near an old one, to inherit from it, overlaps them most).
         """
         self.release_tasks()
+        paced = None if pace_task is None else self.hidden(self.stacked_task_embeddings([pace_task]))[0].float()
         for key, (U, Q) in self.head_bases(task_ids, max_rank).items():
             weight = self.heads[key].weight
-            self.fixed[key] = (U, Q, weight @ U)
-            self.free[key] = nn.Parameter(weight @ Q, requires_grad=weight.requires_grad)
+            pace = None
+            if paced is not None:
+                h = paced[self._groups[key]]
+                pace = float((h.norm() / (h @ Q).norm().clamp_min(1e-12)).clamp(max=MAX_PACE))
+            self.fixed[key] = (U, Q, weight @ U, pace)
+            self.free[key] = nn.Parameter(weight @ Q / (pace or 1.0), requires_grad=weight.requires_grad)
             weight.requires_grad_(False)
 
     @torch.no_grad()
     def release_tasks(self) -> None:
-        """Fold the free parts back into the heads' weights (W = C U^T + D Q^T) and train them whole again."""
-        for key, (U, Q, C) in self.fixed.items():
+        """Fold the free parts back into the heads' weights (W = C U^T + pace D Q^T) and train them whole again."""
+        for key, (U, Q, C, pace) in self.fixed.items():
             free = self.free[key]
             weight = self.heads[key].weight
-            weight.copy_(C @ U.t() + free @ Q.t())
+            weight.copy_(C @ U.t() + (pace or 1.0) * free @ Q.t())
             weight.requires_grad_(free.requires_grad)
         self.fixed.clear()
         self.free.clear()
