@@ -103,6 +103,18 @@ def summarise(report: dict) -> dict:
     return methods
 
 
+def frozen(report: dict) -> dict | None:
+    """The floor on the same images and features: the trainer's own frozen-feature baselines, from HyperLoRA's runs
+    (a logistic probe per task, task-incremental; LDA over all seen classes, class-incremental), in %."""
+    runs = [r["frozen_baselines"] for r in report["runs"].get("hyperlora", []) if "frozen_baselines" in r]
+    if not runs:
+        return None
+    return {
+        "frozen_probe": {"faa": _stats([100 * r["linear_probe"] for r in runs])},
+        "frozen_lda_class_il": {"faa": _stats([100 * r["lda"] for r in runs])},
+    }
+
+
 def criteria(kind: str, methods: dict) -> dict:
     """The targets of one sequence, each with the measured numbers it was judged on."""
     full = methods.get("hyperlora")
@@ -168,6 +180,7 @@ def write_report(out: Path, command: str) -> dict:
         entry["forward_transfer_lora"] = (
             json.loads(moved.read_text())["forward_transfer_lora"] if moved.exists() else None
         )
+        entry["frozen"] = frozen(report)
         entry["criteria"] = criteria(kind, methods)
         entry["budget"] = report["budget"]
         result[kind] = entry
@@ -216,6 +229,10 @@ def markdown(result: dict) -> str:
                 lines.append(
                     f"| {method} | {len(row['seeds'])} | {_cell(row['faa'], 2)} | {_cell(row['steps_to_95'], 1)} |"
                 )
+        for name, row in (entry.get("frozen") or {}).items():
+            title = {"frozen_probe": "frozen features: logistic probe per task", "frozen_lda_class_il":
+                     "frozen features: LDA over all seen classes (class-IL)"}[name]  # fmt: skip
+            lines.append(f"| {title} | {len(entry['hyperlora']['seeds'])} | {_cell(row['faa'], 2)} | - |")
         lines += [
             "",
             "| target | met | full minus other, FAA points (paired) | steps, full / other |",
