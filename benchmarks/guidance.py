@@ -115,6 +115,23 @@ def frozen(report: dict) -> dict | None:
     }
 
 
+def guidance_log(report: dict, method: str = "hyperlora") -> dict | None:
+    """Does the guidance act? From the runs' metrics ``guidance`` (per task [step, L_emb, norm of beta_emb times its
+    gradient on the hypernetwork], at step 1 and every tenth of the task): the median over tasks and seeds at the
+    first step, at a tenth of the task and at its end."""
+    logs = [task for r in report["runs"].get(method, []) for task in r.get("guidance", []) if len(task) >= 3]
+    if not logs:
+        return None
+    points = {"first step": 0, "a tenth": 1, "end": -1}
+    return {
+        name: {
+            "loss": float(np.median([task[i][1] for task in logs])),
+            "grad": float(np.median([task[i][2] for task in logs])),
+        }
+        for name, i in points.items()
+    } | {"tasks": len(logs)}
+
+
 def criteria(kind: str, methods: dict) -> dict:
     """The targets of one sequence, each with the measured numbers it was judged on."""
     full = methods.get("hyperlora")
@@ -181,6 +198,7 @@ def write_report(out: Path, command: str) -> dict:
             json.loads(moved.read_text())["forward_transfer_lora"] if moved.exists() else None
         )
         entry["frozen"] = frozen(report)
+        entry["guidance_log"] = {m: guidance_log(report, m) for m in ("hyperlora", "random_init")}
         entry["criteria"] = criteria(kind, methods)
         entry["budget"] = report["budget"]
         result[kind] = entry
@@ -233,6 +251,15 @@ def markdown(result: dict) -> str:
             title = {"frozen_probe": "frozen features: logistic probe per task", "frozen_lda_class_il":
                      "frozen features: LDA over all seen classes (class-IL)"}[name]  # fmt: skip
             lines.append(f"| {title} | {len(entry['hyperlora']['seeds'])} | {_cell(row['faa'], 2)} | - |")
+        for method, log in (entry.get("guidance_log") or {}).items():
+            if log:
+                where = "; ".join(
+                    f"{name} {log[name]['loss']:.4f} / {log[name]['grad']:.4f}" for name in log if name != "tasks"
+                )
+                lines += [
+                    "",
+                    f"Guidance in {method} (L_emb / its weighted gradient norm, median of {log['tasks']} tasks): {where}.",
+                ]
         lines += [
             "",
             "| target | met | full minus other, FAA points (paired) | steps, full / other |",
