@@ -256,10 +256,8 @@ def markdown(result: dict) -> str:
                 where = "; ".join(
                     f"{name} {log[name]['loss']:.4f} / {log[name]['grad']:.4f}" for name in log if name != "tasks"
                 )
-                lines += [
-                    "",
-                    f"Guidance in {method} (L_emb / its weighted gradient norm, median of {log['tasks']} tasks): {where}.",
-                ]
+                title = f"Guidance in {method} (L_emb / its weighted gradient norm, median of {log['tasks']} tasks)"
+                lines += ["", f"{title}: {where}."]
         lines += [
             "",
             "| target | met | full minus other, FAA points (paired) | steps, full / other |",
