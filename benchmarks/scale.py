@@ -132,8 +132,8 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
         "h_embedding_s": h_embedding_s,
         "h_embedding_share": h_embedding_s / train_s,
         "old_task_state_bytes": tensor_bytes(hypernet.task_embeddings)
-        + (tensor_bytes([task_step.reg_targets]) if t else 0)
-        + tensor_bytes(tensor for fixed in hypernet.fixed.values() for tensor in fixed),
+        + tensor_bytes(tensor for tensor in (task_step.old_outputs, task_step.kappa) if tensor is not None)
+        + tensor_bytes(tensor for fixed in hypernet.fixed.values() for tensor in fixed[:3]),
         "stored_bytes": shared
         + tensor_bytes(hypernet.task_embeddings)
         + num_tasks * tensor_bytes(task_step.head.parameters()),
