@@ -179,8 +179,15 @@ def scaling(out: Path) -> dict | None:
             rows[str(num_tasks)] = {m: _stats(list(v.values())) for m, v in faa.items()} | {"difference": gap}
     if len(rows) < 2:
         return None if not rows else {"tasks": rows, "grows": None}
-    gaps = [rows[n]["difference"]["mean"] for n in rows]
-    return {"tasks": rows, "grows": bool(all(b > a for a, b in pairwise(gaps)))}
+    gaps = [rows[n]["difference"] for n in rows]
+    grows = all(b["mean"] > a["mean"] for a, b in pairwise(gaps))
+
+    def error(gap: dict) -> float:
+        return gap["std"] / np.sqrt(gap["seeds"]) if gap["seeds"] > 1 else float("inf")
+
+    # beyond noise: every step up exceeds twice the standard error of the difference of the two lengths' gaps
+    clear = all(b["mean"] - a["mean"] > 2 * np.hypot(error(a), error(b)) for a, b in pairwise(gaps))
+    return {"tasks": rows, "grows": bool(grows), "beyond_noise": bool(grows and clear)}
 
 
 def write_report(out: Path, command: str) -> dict:
@@ -286,6 +293,8 @@ def markdown(result: dict) -> str:
                 f"| {gap['mean']:+.2f} ± {gap['std']:.2f} |"
             )
         verdict = {True: "it grows", False: "it does not grow", None: "one length only"}[grown["grows"]]
+        if grown["grows"]:
+            verdict += " beyond the seeds' noise" if grown.get("beyond_noise") else ", within the seeds' noise (a tie)"
         lines += ["", f"The difference against the number of tasks: {verdict}.", ""]
     return "\n".join(lines)
 
