@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accuracy import code_version
 from operators import extra_breakdown, operator_table, step_operator_calls
 from peak_memory import describe, peak_increase
 from torch import nn
@@ -294,12 +295,6 @@ def machine(args: argparse.Namespace) -> dict:
     import peft
     import timm
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except OSError:
-        commit = ""
     info = {
         "cpu": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -309,7 +304,7 @@ def machine(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "peft": peft.__version__,
         "timm": timm.__version__,
-        "hyperlora_commit": commit,
+        "hyperlora_commit": code_version(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": args.device,
     }

@@ -154,8 +154,13 @@ def test_an_old_task_counts_as_related_only_where_it_beats_the_frozen_backbone_i
     np.testing.assert_allclose(result.reference, [h_score(frozen, labels) / 3] * 2)
     assert result.beats_reference[0] == 1.0 and result.beats_reference[1] == 0.5
     assert transferability([adapted], labels).beats_reference is None
-    with pytest.raises(ValueError, match="1 reference features for 2 old tasks"):
-        transferability([adapted, frozen], labels, reference=[frozen])
+    shared = transferability([adapted, frozen], labels, resamples=40, reference=[frozen])  # one for all: scored once
+    np.testing.assert_array_equal(shared.beats_reference, result.beats_reference)
+    np.testing.assert_array_equal(shared.reference, result.reference)
+    unresampled = transferability([adapted, frozen], labels, reference=[frozen])
+    np.testing.assert_array_equal(unresampled.beats_reference, [1.0, 0.5])
+    with pytest.raises(ValueError, match="2 reference features for 3 old tasks"):
+        transferability([adapted, frozen, frozen], labels, reference=[frozen, frozen])
 
 
 def test_frozen_reference_reads_the_frozen_features_as_each_old_task_is_read():
@@ -163,5 +168,5 @@ def test_frozen_reference_reads_the_frozen_features_as_each_old_task_is_read():
     heads = [torch.nn.Linear(6, 3), torch.nn.Linear(6, 2)]
     reference = frozen_reference("head", 2, frozen, heads)
     torch.testing.assert_close(reference[1], heads[1](frozen).detach())
-    assert [r is frozen for r in frozen_reference("pooled", 2, frozen)] == [True, True]
+    assert [r is frozen for r in frozen_reference("pooled", 2, frozen)] == [True]  # shared, scored once
     assert frozen_reference("lda", 2, frozen) is None  # lda never sees an adapter: nothing to compare

@@ -133,15 +133,16 @@ def old_task_features(
 def frozen_reference(kind: str, num_old_tasks: int, frozen, heads: Sequence[nn.Module] | None = None):
     """What the frozen backbone makes of the new task's samples in each old task's place, read as
     ``old_task_features`` reads the old task (``frozen``: their pooled features without any adapter): for "head",
-    old task i's head on the frozen features; for "pooled", the frozen features themselves. None for "lda", which
-    never sees an adapter, so has nothing to compare. An old task that does not beat its reference by more than the
-    noise transfers nothing that the backbone does not already give."""
+    old task i's head on the frozen features; for "pooled", the frozen features themselves, one reference shared by
+    every old task (scored once). None for "lda", which never sees an adapter, so has nothing to compare. An old task
+    that does not beat its reference by more than the noise transfers nothing that the backbone does not already
+    give."""
     if kind == "lda":
         return None
     if kind == "head":
         with torch.no_grad():
             return [heads[i](frozen.to(heads[i].weight.dtype)) for i in range(num_old_tasks)]
-    return [frozen] * num_old_tasks
+    return [frozen]
 
 
 def transferability(
@@ -156,16 +157,16 @@ def transferability(
     """H(F_i, y) / (C - 1) for every old task's features F_i on the new task's labels y (C classes), in [0, 1].
 
     ``resamples`` bootstrap resamples (within each class, so every class stays present) are drawn once and shared by
-    all old tasks (and their ``reference`` features, ``frozen_reference``), so that scores can be compared resample
-    by resample.
+    all old tasks (and their ``reference`` features, ``frozen_reference``: one per old task, or one for all), so that
+    scores can be compared resample by resample.
     """
     y = _as_labels(labels)
     classes = np.unique(y)
     if len(classes) < 2:
         raise ValueError(f"the H-score needs at least 2 classes, got {len(classes)}")
     matrices = [_as_float64(features) for features in old_features]
-    if reference is not None and len(reference) != len(matrices):
-        raise ValueError(f"{len(reference)} reference features for {len(matrices)} old tasks")
+    if reference is not None and len(reference) not in (1, len(matrices)):
+        raise ValueError(f"{len(reference)} reference features for {len(matrices)} old tasks (give one or each)")
     references = [] if reference is None else [_as_float64(features) for features in reference]
     everything = matrices + references
     norm = len(classes) - 1
@@ -182,8 +183,7 @@ def transferability(
     own = Transferability(scores[:n], None if resampled is None else resampled[:, :n])
     if reference is None:
         return own
-    if resampled is None:
-        beats = (scores[:n] > scores[n:]) + 0.5 * (scores[:n] == scores[n:])
-    else:
-        beats = (resampled[:, :n] > resampled[:, n:]).mean(0) + 0.5 * (resampled[:, :n] == resampled[:, n:]).mean(0)
-    return own._replace(reference=scores[n:], beats_reference=beats.astype(float))
+    rows = scores[None] if resampled is None else resampled  # (resamples or 1, old tasks + references)
+    own_rows, ref_rows = rows[:, :n], rows[:, n:]  # a shared reference (one column) broadcasts
+    beats = (own_rows > ref_rows).mean(0) + 0.5 * (own_rows == ref_rows).mean(0)
+    return own._replace(reference=np.broadcast_to(scores[n:], (n,)).copy(), beats_reference=beats.astype(float))

@@ -62,7 +62,7 @@ class HypernetOutput:
         )
 
 
-MAX_PACE = 10.0  # the free part's largest scale: a task whose activation is almost all protected learns 10x slower
+MAX_PACE = 10.0  # the free part's largest scale (protect_tasks' pace_task), so that a tiny free share is not blown up
 
 
 def _shape_key(shape: tuple[int, int]) -> str:
@@ -132,7 +132,8 @@ class HyperNetwork(nn.Module):
         # the modules in shape-group order: one index_select and one split give every group its hidden rows
         self.register_buffer("_group_order", torch.tensor([m for members in groups.values() for m in members]), False)
         # While a task trains with old tasks protected: each head's free part D (see protect_tasks), and its fixed
-        # (U, Q, C) where W = C U^T + D Q^T. Empty otherwise, so saved adapters hold the heads' weights alone.
+        # (U, Q, C, pace) where W = C U^T + pace D Q^T (pace None: 1). Empty otherwise, so saved adapters hold the
+        # heads' weights alone.
         self.free = nn.ParameterDict()
         self.fixed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]] = {}
         # Runtime state, not saved: which task calls without task_ids use, and which one is merged.
