@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
+import hyperlora.method.transferability as transferability_module
 from hyperlora.method.router import GaussianRouter
 from hyperlora.method.transferability import frozen_reference, h_score, old_task_features, transferability
 
@@ -170,3 +171,20 @@ def test_frozen_reference_reads_the_frozen_features_as_each_old_task_is_read():
     torch.testing.assert_close(reference[1], heads[1](frozen).detach())
     assert [r is frozen for r in frozen_reference("pooled", 2, frozen)] == [True]  # shared, scored once
     assert frozen_reference("lda", 2, frozen) is None  # lda never sees an adapter: nothing to compare
+
+
+@pytest.mark.parametrize("shrinkage", [True, False])
+def test_the_batched_bootstrap_scores_each_resample_as_h_score_does(shrinkage, monkeypatch):
+    """Resamples scored in stacks (here 3 per stack, memory-bounded) equal h_score on each, with a constant column
+    and a resample that repeats one row per class."""
+    F, y = blobs(40, 5, classes=2)
+    F[:, 2] = 1.5
+    order = np.argsort(y, kind="stable")
+    F, y = F[order], y[order]
+    rng = np.random.default_rng(0)
+    members = [np.flatnonzero(y == c) for c in (0, 1)]
+    rows = np.stack([np.concatenate([rng.choice(m, size=len(m)) for m in members]) for _ in range(7)])
+    rows[3] = np.concatenate([np.full(len(m), m[0]) for m in members])  # each class one repeated row
+    monkeypatch.setattr(transferability_module, "_BATCH_ELEMENTS", 3 * (40 * 5 + 25))
+    batched = transferability_module._resampled_h_scores(F, rows, y, shrinkage)
+    np.testing.assert_allclose(batched, [h_score(F[r], y[r], shrinkage) for r in rows], rtol=1e-10)

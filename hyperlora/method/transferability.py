@@ -40,17 +40,37 @@ def _as_labels(labels) -> np.ndarray:
     return np.asarray(labels)
 
 
-def ledoit_wolf_shrinkage(centred: np.ndarray) -> float:
-    """Ledoit-Wolf's optimal shrinkage of the sample covariance of ``centred`` (n x d) towards mu * I."""
-    n, d = centred.shape
-    covariance = centred.T @ centred / n
-    mu = np.trace(covariance) / d
-    delta = ((covariance - mu * np.eye(d)) ** 2).sum() / d
+# Elements of the stacked resamples and their d x d covariances scored at once: the bootstrap's numpy calls batched,
+# in bounded memory (32 MB of float64) whatever the feature dimension.
+_BATCH_ELEMENTS = 1 << 22
+
+
+def _h_scores(F: np.ndarray, inverse: np.ndarray, shrinkage: bool) -> np.ndarray:
+    """The H-score of each of a stack of feature matrices F (B, n, d) that share one labelling (class index per row)."""
+    _, n, d = F.shape
+    centred = F - F.mean(axis=1, keepdims=True)
+    # a constant column's mean can be one rounding step off: that offset is no signal, and it makes cov_f singular
+    centred *= np.ptp(F, axis=1, keepdims=True) != 0
+    cov_f = np.einsum("bni,bnj->bij", centred, centred) / n
+    counts = np.bincount(inverse).astype(float)
+    one_hot = np.eye(len(counts))[inverse]  # (n, C)
+    class_means = np.einsum("nc,bnd->bcd", one_hot, centred) / counts[:, None]
+    cov_g = np.einsum("c,bci,bcj->bij", counts, class_means, class_means) / n
+    informative = cov_f.any(axis=(1, 2))  # constant features carry no information about the labels: 0
+    eye = np.eye(d)
+    if not shrinkage:
+        scores = np.einsum("bii->b", np.linalg.pinv(cov_f, hermitian=True) @ cov_g)
+        return np.where(informative, scores, 0.0)
+    # Ledoit-Wolf's optimal shrinkage towards mu * I, per matrix
+    mu = np.einsum("bii->b", cov_f) / d
+    delta = ((cov_f - mu[:, None, None] * eye) ** 2).sum(axis=(1, 2)) / d
     squared = centred**2
-    beta = ((squared.T @ squared).sum() / n - (covariance**2).sum()) / (d * n)
-    if delta == 0:
-        return 0.0
-    return float(min(beta, delta) / delta)
+    beta = (np.einsum("bni,bnj->b", squared, squared) / n - (cov_f**2).sum(axis=(1, 2))) / (d * n)
+    alpha = np.where(delta > 0, np.minimum(beta, delta) / np.where(delta > 0, delta, 1.0), 0.0)[:, None, None]
+    shrunk = (1.0 - alpha) * cov_f + alpha * mu[:, None, None] * eye
+    shrunk[~informative] = eye
+    scores = np.einsum("bii->b", np.linalg.solve(shrunk, (1.0 - alpha) * cov_g))
+    return np.where(informative, scores, 0.0)
 
 
 def h_score(features, labels, shrinkage: bool = True) -> float:
@@ -75,24 +95,16 @@ def h_score(features, labels, shrinkage: bool = True) -> float:
     classes, inverse = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"the H-score needs at least 2 classes, got {len(classes)}")
+    return float(_h_scores(F[None], inverse, shrinkage)[0])
 
-    centred = F - F.mean(axis=0)
-    # a constant column's mean can be one rounding step off: that offset is no signal, and it makes cov_f singular
-    centred[:, np.ptp(F, axis=0) == 0] = 0.0
-    n, d = centred.shape
-    cov_f = centred.T @ centred / n
-    if not np.any(cov_f):
-        return 0.0
-    class_means = np.zeros((len(classes), d))
-    np.add.at(class_means, inverse, centred)
-    class_means /= np.bincount(inverse)[:, None]
-    g = class_means[inverse]
-    cov_g = g.T @ g / n
-    if not shrinkage:
-        return float(np.trace(np.linalg.pinv(cov_f, hermitian=True) @ cov_g))
-    alpha = ledoit_wolf_shrinkage(centred)
-    shrunk = (1.0 - alpha) * cov_f + alpha * (np.trace(cov_f) / d) * np.eye(d)
-    return float(np.trace(np.linalg.solve(shrunk, (1.0 - alpha) * cov_g)))
+
+def _resampled_h_scores(F: np.ndarray, rows: np.ndarray, inverse: np.ndarray, shrinkage: bool) -> np.ndarray:
+    """h_score of F on each resample (rows: (resamples, n), each with the class layout ``inverse``), in batches."""
+    n, d = F.shape
+    batch = max(1, _BATCH_ELEMENTS // (n * d + d * d))
+    return np.concatenate(
+        [_h_scores(F[rows[start : start + batch]], inverse, shrinkage) for start in range(0, len(rows), batch)]
+    )
 
 
 class Transferability(NamedTuple):
@@ -103,6 +115,13 @@ class Transferability(NamedTuple):
     resampled: np.ndarray | None  # (resamples, old tasks): one resample of the new task's samples per row
     reference: np.ndarray | None = None  # (old tasks,): the frozen backbone's score read the same way
     beats_reference: np.ndarray | None = None  # (old tasks,): share of resamples with score > reference (ties half)
+
+
+def sample_size(kind: str, samples: int, adapted_samples: int) -> int:
+    """How many of the new task's images an estimator reads: ``samples`` (n_max) for "lda", whose frozen features are
+    computed for the router anyway; at most ``adapted_samples`` for those that run them through every old task's
+    adapter, whose cost grows with them times the old tasks."""
+    return samples if kind == "lda" else min(samples, adapted_samples)
 
 
 def old_task_features(
@@ -175,10 +194,9 @@ def transferability(
     if resamples > 0:
         rng = np.random.default_rng(seed)
         members = [np.flatnonzero(y == c) for c in classes]
-        resampled = np.empty((resamples, len(everything)))
-        for b in range(resamples):
-            rows = np.concatenate([rng.choice(m, size=len(m)) for m in members])
-            resampled[b] = [h_score(F[rows], y[rows], shrinkage) / norm for F in everything]
+        rows = np.stack([np.concatenate([rng.choice(m, size=len(m)) for m in members]) for _ in range(resamples)])
+        layout = np.repeat(np.arange(len(classes)), [len(m) for m in members])  # every resample's classes, in order
+        resampled = np.stack([_resampled_h_scores(F, rows, layout, shrinkage) for F in everything], axis=1) / norm
     n = len(matrices)
     own = Transferability(scores[:n], None if resampled is None else resampled[:, :n])
     if reference is None:
