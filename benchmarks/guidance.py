@@ -185,9 +185,13 @@ def scaling(out: Path) -> dict | None:
     def error(gap: dict) -> float:
         return gap["std"] / np.sqrt(gap["seeds"]) if gap["seeds"] > 1 else float("inf")
 
-    # beyond noise: every step up exceeds twice the standard error of the difference of the two lengths' gaps
-    clear = all(b["mean"] - a["mean"] > 2 * np.hypot(error(a), error(b)) for a, b in pairwise(gaps))
-    return {"tasks": rows, "grows": bool(grows), "beyond_noise": bool(grows and clear)}
+    # beyond noise: a step up exceeds twice the standard error of the difference of the two lengths' gaps
+    def beyond(a: dict, b: dict) -> bool:
+        return b["mean"] - a["mean"] > 2 * np.hypot(error(a), error(b))
+
+    clear = all(beyond(a, b) for a, b in pairwise(gaps))
+    first_to_last = {"difference": gaps[-1]["mean"] - gaps[0]["mean"], "beyond_noise": bool(beyond(gaps[0], gaps[-1]))}
+    return {"tasks": rows, "grows": bool(grows), "beyond_noise": bool(grows and clear), "first_to_last": first_to_last}
 
 
 def write_report(out: Path, command: str) -> dict:
@@ -295,7 +299,13 @@ def markdown(result: dict) -> str:
         verdict = {True: "it grows", False: "it does not grow", None: "one length only"}[grown["grows"]]
         if grown["grows"]:
             verdict += " beyond the seeds' noise" if grown.get("beyond_noise") else ", within the seeds' noise (a tie)"
-        lines += ["", f"The difference against the number of tasks: {verdict}.", ""]
+        ends = grown.get("first_to_last")
+        if ends:
+            lengths = list(grown["tasks"])
+            noise = "beyond the seeds' noise" if ends["beyond_noise"] else "within the seeds' noise"
+            change = f"{ends['difference']:+.2f} points, {noise}"
+            verdict += f"; from {lengths[0]} to {lengths[-1]} tasks it changes by {change}"
+        lines += ["", f"The difference against the number of tasks, step by step: {verdict}.", ""]
     return "\n".join(lines)
 
 

@@ -666,4 +666,5 @@ def test_guidance_report_judges_each_target_on_paired_seeds(tmp_path):
     grown = guidance.write_report(tmp_path, "python benchmarks/guidance.py --report_only")["split_scaling"]
     assert grown["tasks"]["10"]["difference"]["mean"] == pytest.approx(25.0) and grown["grows"]
     assert grown["beyond_noise"]  # every seed's difference is 20 at 5 tasks and 25 at 10: no noise at all
+    assert grown["first_to_last"] == {"difference": pytest.approx(5.0), "beyond_noise": True}
     assert "it grows beyond the seeds' noise" in (tmp_path / "guidance.md").read_text()
