@@ -8,8 +8,9 @@ registered, training the last one:
   sampled old tasks, the embedding guidance, AdamW and the head projection onto the old tasks' null space;
 - the peak memory of those steps;
 - the H-embedding of task T as the trainer computes it (hyperlora.method.transferability with ``h_score_features``,
-  bootstrap resamples, AHP, the fit), on ``--samples`` images; the frozen features it reads are computed once per
-  task for the router anyway and are timed apart;
+  bootstrap resamples, AHP, the fit), on ``--samples`` images (those that read the old tasks' models on
+  ``h_score_adapted_samples`` of them, through the adapted blocks); the frozen features it reads are computed once
+  per task for the router anyway and are timed apart;
 - the H-embedding's time as a share of the task's training time (200 steps);
 - the bytes of what the trainer holds for the old tasks and of everything stored.
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accuracy import code_version
 from peak_memory import describe, peak_increase
 from peft import get_peft_model
 from torch import nn
@@ -44,9 +46,10 @@ from hyperlora.demo import DEFAULTS, QuickstartArguments, build_backbone
 from hyperlora.evaluation.baselines import FrozenBaselines
 from hyperlora.files import atomic_write_json, atomic_write_text
 from hyperlora.method.embedding import guided_embedding
-from hyperlora.method.transferability import H_SCORE_FEATURES
+from hyperlora.method.transferability import H_SCORE_FEATURES, sample_size
 from hyperlora.optim import cosine_schedule
 from hyperlora.trainer import ContinualTrainingArguments
+from hyperlora.training.prefix import FrozenPrefix
 from hyperlora.training.step import TaskStep, create_optimizer, train_mode, training_step
 
 CLASSES = 4  # per task, as in the structured sequence
@@ -76,6 +79,9 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
     x = torch.randn(args.per_device_train_batch_size, 3, size, size, generator=g)
     y = torch.randint(0, CLASSES, (args.per_device_train_batch_size,), generator=g)
     width = feature_dim(model, size)
+
+    # what is stored, counted before the step splits the heads into fixed and free parts for training
+    shared = tensor_bytes(p for n, p in hypernet.named_parameters() if not n.startswith("task_embeddings"))
 
     # the trainer's own step: regulariser, guidance and head projection included
     accelerator = Accelerator(cpu=True)
@@ -108,23 +114,26 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
         baselines.lda.update(frozen + torch.randn_like(frozen), labels + CLASSES * i, i)
     heads = [nn.Linear(width, CLASSES) for _ in range(t)]
 
+    n = sample_size(config.h_score_features, args.samples, config.h_score_adapted_samples)
+    prefix = FrozenPrefix(model)  # as the trainer reads the old tasks: the unadapted blocks once
+
     def features_of(task_id):
         if task_id is None:
-            return frozen
+            return frozen[:n]
         with torch.no_grad():
-            return model(images, task_ids=task_id)
+            return prefix(0, lambda: model(images[:n], task_ids=task_id))
 
     start = time.perf_counter()
     if t:
         embeddings = hypernet.stacked_task_embeddings().detach()[:t].numpy()
-        guided_embedding(embeddings, features_of, labels, config, heads=heads, router=baselines.lda)
+        guided_embedding(embeddings, features_of, labels[:n], config, heads=heads, router=baselines.lda)
     h_embedding_s = time.perf_counter() - start
     train_s = steps_per_task(args) * statistics.median(times)
 
-    shared = tensor_bytes(p for n, p in hypernet.named_parameters() if not n.startswith("task_embeddings"))
     return {
         "num_tasks": num_tasks,
         "h_score_features": config.h_score_features,
+        "h_score_images": n,
         "train_step_ms": 1e3 * statistics.median(times),
         "peak_train_memory_bytes": memory["peak_increase_bytes"],
         "memory_how": memory["how"],
@@ -146,7 +155,7 @@ def feature_dim(model, size: int) -> int:
 
 
 def write_report(out: Path, rows: list[dict], args: argparse.Namespace) -> str:
-    machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
+    machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}, code {code_version()}"
     features = rows[0]["h_score_features"]
     command_tail = f" --h_score_features {args.h_score_features}" if args.h_score_features else ""
     atomic_write_json(out / "scale.json", {"machine": machine, "arguments": vars(args), "rows": rows})
@@ -156,7 +165,8 @@ def write_report(out: Path, rows: list[dict], args: argparse.Namespace) -> str:
         f"Machine: {machine}; {datetime.date.today().isoformat()}. Command: `python benchmarks/scale.py --tasks "
         f"{' '.join(map(str, args.tasks))}{command_tail}`. The quickstart's setting: EfficientNet-Lite0 at 64 px, its "
         f"HyperLoRA config, batch {args.per_device_train_batch_size}, {steps_per_task(args)} steps per task; the "
-        f'H-embedding on {args.samples} images with `h_score_features="{features}"`; training the last of T tasks.',
+        f'H-embedding with `h_score_features="{features}"` on {rows[0]["h_score_images"]} of {args.samples} images; '
+        "training the last of T tasks.",
         "",
         "| tasks | training step (ms) | peak training memory (MiB) | frozen features (s) | H-embedding (s) "
         "| H-embedding / task training | old-task state held (KiB) | stored, all tasks (MiB) |",
@@ -172,7 +182,8 @@ def write_report(out: Path, rows: list[dict], args: argparse.Namespace) -> str:
         "tasks; the head projection's grows with the old tasks' directions, up to 3/4 of the hypernetwork's width. "
         'With `h_score_features="lda"` (the default) the H-embedding needs no forward pass per old task: it reads the '
         "frozen features the router needs anyway (timed apart), so its cost is the bootstrap and the fit; "
-        '"head" and "pooled" run the images through every old task\'s adapter.',
+        '"head" and "pooled" run their images (`h_score_adapted_samples`) through every old task\'s adapted blocks, '
+        "the blocks before the first adapted module once for all (hyperlora.training.prefix).",
         "",
         f"Peak training memory: {describe(sorted({r['memory_how'] for r in rows}))}; over the {args.warmup} "
         "warm-up steps.",

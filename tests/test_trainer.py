@@ -19,6 +19,7 @@ from hyperlora import HyperLoraConfig
 from hyperlora.data import Task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 from hyperlora.training import TrainerCallback
+from hyperlora.training.prefix import FrozenPrefix
 from hyperlora.training.reporting import tracker_config
 from hyperlora.training.step import TaskStep
 
@@ -520,6 +521,28 @@ def test_guidance_is_logged_over_each_guided_task_without_changing_training(tmp_
     unlogged = run(tmp_path / "unlogged", tasks[:2])
     assert unlogged["guidance"] == [[], []]
     assert unlogged["accuracy_matrix"] == results["accuracy_matrix"]  # the probe reads, it never trains
+
+
+def test_head_scores_through_the_frozen_prefix_equal_full_passes(tmp_path, tasks, monkeypatch):
+    """The old tasks read through their adapted blocks only (the frozen prefix replayed), on
+    h_score_adapted_samples images in two batches: the scores full forward passes give."""
+
+    def vit() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2
+        )
+
+    settings = config(h_score_features="head", h_score_adapted_samples=12, target_modules=r"blocks\.1\.mlp\.fc\d")
+    replays = []
+    replay = FrozenPrefix._replay
+    monkeypatch.setattr(FrozenPrefix, "_replay", lambda self, *a, **k: replays.append(1) or replay(self, *a, **k))
+    read = ContinualTrainer(vit(), settings, arguments(tmp_path / "prefix", per_device_eval_batch_size=8)).fit(tasks)
+    assert len(replays) == 1 + 1 + 2  # each task's check of its first replay; task 2: old task 1's two batches
+    monkeypatch.setattr(FrozenPrefix, "__call__", lambda self, batch, run: run())
+    full = ContinualTrainer(vit(), settings, arguments(tmp_path / "full", per_device_eval_batch_size=8)).fit(tasks)
+    np.testing.assert_allclose(read["h_scores"][2][:2], full["h_scores"][2][:2], rtol=1e-5)
+    np.testing.assert_allclose(read["h_score_reference"][2][:2], full["h_score_reference"][2][:2], rtol=1e-5)
 
 
 def test_head_scores_are_read_against_the_frozen_backbone_and_related_tasks_start_nearer(tmp_path, tasks):

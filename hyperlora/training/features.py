@@ -10,6 +10,7 @@ from peft import PeftModel
 from ..data import Task, TaskImages, pooled_features
 from ..data.tasks import ImageSpec
 from .arguments import ContinualTrainingArguments
+from .prefix import FrozenPrefix
 
 # Decoded unaugmented images kept in memory: test splits are read at every evaluation, a training split every epoch
 # (without augmentation), and decoding is a fifth of a small run's time. Splits past the budget are read as they come.
@@ -51,13 +52,19 @@ class FeatureReader:
         with self.accelerator.autocast() if not exact else torch.autocast(pixel_values.device.type, enabled=False):
             return pooled_features(self.model(pixel_values, task_ids=task_ids)).float()
 
-    def features(self, loader, task_id: int | None, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of a whole loader under one task's adapter (None: the frozen backbone), gathered."""
+    def features(
+        self, loader, task_id: int | None, exact: bool = False, prefix: FrozenPrefix | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of a whole loader under one task's adapter (None: the frozen backbone), gathered; with a
+        ``prefix`` that has seen the loader's batches, only through the adapted blocks."""
         self.model.eval()
         features, labels = [], []
         with torch.no_grad():
-            for pixel_values, batch_labels in loader:
-                batch = self.forward(pixel_values, task_id, exact)
+            for b, (pixel_values, batch_labels) in enumerate(loader):
+                if prefix is None:
+                    batch = self.forward(pixel_values, task_id, exact)
+                else:
+                    batch = prefix(b, lambda x=pixel_values: self.forward(x, task_id, exact))
                 if not isinstance(loader, _OnDevice):
                     batch, batch_labels = self.accelerator.gather_for_metrics((batch, batch_labels))
                 features.append(batch)

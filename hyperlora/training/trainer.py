@@ -29,6 +29,7 @@ from ..data import Task, image_spec
 from ..evaluation.baselines import FrozenBaselines
 from ..method.embedding import fit_h_embedding, guided_embedding
 from ..method.router import GaussianRouter
+from ..method.transferability import sample_size
 from ..optim import cosine_schedule
 from ..tuner import HyperLoraConfig
 from .arguments import ContinualTrainingArguments
@@ -37,6 +38,7 @@ from .checkpointing import check_resume, load_checkpoint, save_checkpoint
 from .evaluation import Evaluator
 from .features import FeatureReader
 from .launch import check_process_group, feature_extractor
+from .prefix import FrozenPrefix
 from .reporting import Progress, run_results, summary_table, tracker_config, write_outputs
 from .state import RunState
 from .step import TaskStep, create_optimizer, train_mode, training_step
@@ -192,14 +194,16 @@ class ContinualTrainer:
             state.h_embeddings[0] = embedding.tolist()
             return self._add_task(embedding)
         generator = torch.Generator().manual_seed(self.args.seed + t)
-        sample = torch.randperm(len(task.train), generator=generator)[: config.h_score_samples]
+        samples = sample_size(config.h_score_features, config.h_score_samples, config.h_score_adapted_samples)
+        sample = torch.randperm(len(task.train), generator=generator)[:samples]
         labels = frozen[1][sample.to(frozen[1].device)].cpu()
         loader = self.reader.loader(task, "train", indices=sample.tolist(), shard=False)
+        prefix = FrozenPrefix(self.model)
 
         def features_of(task_id: int | None) -> torch.Tensor:
             if task_id is None:
                 return frozen[0][sample.to(frozen[0].device)]
-            return self.reader.features(loader, task_id, exact=True)[0]
+            return self.reader.features(loader, task_id, exact=True, prefix=prefix)[0]
 
         old = self.model.base_model.hypernet.stacked_task_embeddings().detach().cpu().numpy()
         guided = guided_embedding(

@@ -37,6 +37,7 @@ _POSITIVE_INTS = (
     "hypernet_hidden_dim",
     "hypernet_num_layers",
     "h_score_samples",
+    "h_score_adapted_samples",
     "reg_max_tasks",
 )
 _NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage", "relatedness_confidence")
@@ -84,6 +85,13 @@ class HyperLoraConfig(PeftConfig):
         },
     )
     h_score_samples: int = field(default=1000, metadata={"help": "n_max samples used for the H-scores."})
+    h_score_adapted_samples: int = field(
+        default=128,
+        metadata={
+            "help": "Of those, the samples run through every old task's adapter (head, pooled): their cost is this "
+            "times the old tasks, through the adapted blocks only."
+        },
+    )
     h_score_shrinkage: bool = field(default=True, metadata={"help": "Ledoit-Wolf H_alpha (True) or plain."})
     h_score_resamples: int = field(
         default=50, metadata={"help": "Bootstrap resamples that tell AHP which H-score gaps are noise (0: none)."}
