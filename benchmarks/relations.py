@@ -2,8 +2,10 @@
 the ground truth's own seed-to-seed agreement as the ceiling and a random score as the floor.
 
 Old tasks, trained in order with HyperLoRA: orientation, count, size and position tasks (hyperlora.structured), each
-factor in two looks (domains). Probes: a new task per factor in a look of its own, 100 training images per class
-(the H-score sees as many images as a trainer run's, which scores up to 1000). A probe's relation to an old
+factor in two looks (domains, ``--palette``: separated colours by default, so that no old task's target colour is a
+probe's distractor). Probes: a new task per factor in a look of its own, 100 training images per class. Each
+estimator reads them as the trainer does: its own sample (``sample_size``), the frozen reference, the related old
+tasks and the fitted H-embedding, one per estimator. A probe's relation to an old
 task is graded by construction: the two old tasks that ask about its factor share what it needs to read; the others
 ask about other factors, some closer to it than others (size and count both read how much of the target there is).
 (A first design, orientation tasks graded by hue, gave a flat transfer: any orientation adapter read any hue's
@@ -34,6 +36,7 @@ Runs on the GPU when there is one. Seeds can run apart (``--seeds 1 --output_dir
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -53,8 +56,8 @@ from hyperlora.cli import parse
 from hyperlora.data import Task, TaskImages, image_spec, pooled_features
 from hyperlora.demo import build_backbone
 from hyperlora.files import atomic_write_json, atomic_write_text
-from hyperlora.method.embedding import fit_h_embedding, median_pairwise_distance, target_distances
-from hyperlora.method.transferability import H_SCORE_FEATURES, old_task_features, transferability
+from hyperlora.method.embedding import guided_embedding, median_pairwise_distance
+from hyperlora.method.transferability import H_SCORE_FEATURES, sample_size
 from hyperlora.structured import Domain, TaskSpec, relation_matrix, shape_task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 
@@ -63,13 +66,15 @@ DOMAINS_PER_FACTOR = 2
 PROBE_DOMAIN = 30  # probes' looks: domains 30, 31, ..., none of them an old task's
 
 
-def old_specs() -> list[tuple[str, str, Domain]]:
-    """(name, factor, domain) of every old task, in training order: each factor once, then each again in a new look."""
+def old_specs(palette: str = "separated") -> list[tuple[str, str, Domain]]:
+    """(name, factor, domain) of every old task, in training order: each factor once, then each again in a new look.
+    ``palette`` "separated": no look's distractor colour is another's target colour; "legacy": the first version's
+    looks (hyperlora.structured.Domain.of), where some are, so that part of what the benchmark measured was conflict."""
     specs = []
     for k in range(DOMAINS_PER_FACTOR):
         for f, factor in enumerate(RELATION_FACTORS):
             index = 10 + k * len(RELATION_FACTORS) + f
-            specs.append((f"{factor}-d{index:02d}", factor, Domain.of(index)))
+            specs.append((f"{factor}-d{index:02d}", factor, TaskSpec(factor, index, palette).look))
     return specs
 
 
@@ -79,13 +84,13 @@ def build_tasks(seed: int, args: argparse.Namespace) -> tuple[list[Task], list[T
         shape_task(
             name, factor, domain, seed=(seed, t), train_per_class=args.old_per_class, first_label=4 * t, **common
         )
-        for t, (name, factor, domain) in enumerate(old_specs())
+        for t, (name, factor, domain) in enumerate(old_specs(args.palette))
     ]
     probes = [
         shape_task(
             f"probe-{factor}",
             factor,
-            Domain.of(PROBE_DOMAIN + p),
+            TaskSpec(factor, PROBE_DOMAIN + p, args.palette).look,
             seed=(seed, 100 + p),
             train_per_class=args.probe_per_class,
             **common,
@@ -159,7 +164,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     model.requires_grad_(False)
     spec = image_spec(model, size)
     old_embeddings = model.base_model.hypernet.stacked_task_embeddings().detach().cpu().clone()
-    specs = [TaskSpec(factor, t) for t, (_, factor, _) in enumerate(old_specs())]
+    specs = [TaskSpec(factor, 10 + t, args.palette) for t, (_, factor, _) in enumerate(old_specs(args.palette))]
     cosines = delta_w_cosines(model)
     related = relation_matrix(specs)
     pairs = [(i, j) for i, j in combinations(range(len(old)), 2)]
@@ -172,29 +177,43 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         features = {task_id: _features(model, loader, task_id) for task_id in [None, *range(len(old))]}
         labels = features[None][1]
 
-        def features_of(task_id, features=features):
-            return features[task_id][0]
-
-        scores = {}
+        # every estimator as the trainer runs it: its own sample of the probe's images, the frozen reference, the
+        # related old tasks and the fitted H-embedding (hyperlora.method.embedding.guided_embedding)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + p))
+        guided = {}
         for kind in H_SCORE_FEATURES:
-            old_features = old_task_features(kind, len(old), features_of, heads=heads, router=trainer.router)
-            resamples = config.h_score_resamples if kind == config.h_score_features else 0
-            scores[kind] = transferability(old_features, labels, resamples=resamples, seed=seed + p)
-        chosen = scores[config.h_score_features]
-        targets = target_distances(chosen.scores, old_embeddings.numpy(), resampled=chosen.resampled)
-        fitted = fit_h_embedding(old_embeddings, targets.distances, steps=config.h_embedding_steps, seed=seed + p)
-        distance = torch.linalg.vector_norm(old_embeddings - fitted.embedding, dim=1).tolist()
+            rows = order[: sample_size(kind, config.h_score_samples, config.h_score_adapted_samples)]
+
+            def features_of(task_id, features=features, rows=rows):
+                return features[task_id][0][rows]
+
+            settings = dataclasses.replace(config, h_score_features=kind)
+            guided[kind] = guided_embedding(
+                old_embeddings.numpy(), features_of, labels[rows], settings, seed=seed + p, heads=heads,
+                router=trainer.router,
+            )  # fmt: skip
+        distances = {
+            kind: torch.linalg.vector_norm(old_embeddings - torch.as_tensor(result.embedding), dim=1).tolist()
+            for kind, result in guided.items()
+        }
+        chosen = guided[config.h_score_features]
         test_loader = _loader(probe, "test", spec)
         scratch_likelihood, scratch_accuracy = linear_transfer(features[None], _features(model, test_loader, None))
         rows = []
-        for i, (name, factor, _) in enumerate(old_specs()):
+        for i, (name, factor, _) in enumerate(old_specs(args.palette)):
             likelihood, accuracy = linear_transfer(features[i], _features(model, test_loader, i))
             rows.append(
                 {
                     "old_task": name,
                     "same_factor": factor == RELATION_FACTORS[p],
-                    **{f"h_score_{kind}": float(scores[kind].scores[i]) for kind in H_SCORE_FEATURES},
-                    "embedding_distance": distance[i],
+                    **{f"h_score_{kind}": float(guided[kind].scores[i]) for kind in H_SCORE_FEATURES},
+                    **{
+                        f"related_{kind}": bool(guided[kind].beats_reference[i] >= config.relatedness_confidence)
+                        for kind in H_SCORE_FEATURES
+                        if guided[kind].beats_reference is not None
+                    },
+                    **{f"embedding_distance_{kind}": distances[kind][i] for kind in H_SCORE_FEATURES},
+                    "embedding_distance": distances[config.h_score_features][i],
                     "random_score": float(rng.random()),
                     "transfer_log_likelihood": likelihood - scratch_likelihood,
                     "transfer_accuracy": accuracy - scratch_accuracy,
@@ -202,8 +221,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             )
             print(
                 f"seed {seed} {probe.name} <- {name:22s} "
-                + " ".join(f"H[{kind}] {scores[kind].scores[i]:.3f}" for kind in H_SCORE_FEATURES)
-                + f"  dist {distance[i]:6.2f}  transfer {likelihood - scratch_likelihood:+.3f} nats, "
+                + " ".join(f"H[{kind}] {guided[kind].scores[i]:.3f}" for kind in H_SCORE_FEATURES)
+                + f"  dist {distances[config.h_score_features][i]:6.2f}"
+                + f"  transfer {likelihood - scratch_likelihood:+.3f} nats, "
                 f"{100 * (accuracy - scratch_accuracy):+.1f} points",
                 flush=True,
             )
@@ -211,9 +231,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             {
                 "probe": probe.name,
                 "pairs": rows,
-                "consistency_ratio": targets.consistency_ratio,
-                "gamma": fitted.gamma,
-                "fit_rank_correlation": fitted.rank_correlation,
+                "consistency_ratio": chosen.consistency_ratio,
+                "gamma": chosen.gamma,
+                "fit_rank_correlation": chosen.rank_correlation,
                 "tau": median_pairwise_distance(old_embeddings.numpy()),
                 "scratch_log_likelihood": float(scratch_likelihood),
                 "scratch_accuracy": float(scratch_accuracy),
@@ -283,9 +303,11 @@ def top_ranked(runs: list[dict], kind: str) -> dict:
             tops = [int(np.argmax([row[f"h_score_{kind}"] for row in run["probes"][p]["pairs"]])) for run in runs]
             record["top"] = [names[t] for t in tops]
             hits += [bool(positive[t]) for t in tops]
-        else:
+        else:  # the kind's own H-embedding where the run fitted one per estimator
+            own = f"embedding_distance_{kind}"
+            distance = own if own in entry["pairs"][0] else "embedding_distance"
             record["nearest_over_tau"] = [
-                min(row["embedding_distance"] for row in run["probes"][p]["pairs"]) / run["probes"][p]["tau"]
+                min(row[distance] for row in run["probes"][p]["pairs"]) / run["probes"][p]["tau"]
                 for run in runs
                 if "tau" in run["probes"][p]
             ]
@@ -446,6 +468,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=2e-3, help="of the old tasks' training")
     parser.add_argument("--old_per_class", type=int, default=200, help="training images per old task class")
     parser.add_argument("--probe_per_class", type=int, default=100, help="training images per probe class")
+    parser.add_argument(
+        "--palette", choices=("separated", "legacy"), default="separated", help="the looks' colours (old_specs)"
+    )
     parser.add_argument("--test_per_class", type=int, default=100)
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results" / "relations"))
     parser.add_argument("--merge", nargs="+", help="only combine these relations.json files (seeds run apart)")
