@@ -129,7 +129,8 @@ def linear_transfer(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.
     (x, y), (x_test, y_test) = ((f.double().numpy(), labels.numpy()) for f, labels in (train, test))
     scaler = StandardScaler().fit(x)
     probe = LogisticRegression(max_iter=5000).fit(scaler.transform(x), y)
-    log_probs = probe.predict_log_proba(scaler.transform(x_test))
+    # a probe certain of a wrong class would score -inf: clip at 1e-12 so that the mean stays finite
+    log_probs = np.log(np.clip(probe.predict_proba(scaler.transform(x_test)), 1e-12, None))
     columns = np.searchsorted(probe.classes_, y_test)
     return float(log_probs[np.arange(len(y_test)), columns].mean()), float((log_probs.argmax(1) == columns).mean())
 

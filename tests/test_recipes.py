@@ -492,6 +492,9 @@ def test_relations_ground_truth_rates_features_that_carry_the_label_above_noise(
     bad = relations.linear_transfer((noise[train], labels[train]), (noise[test], labels[test]))
     assert good[1] > 0.8 and bad[1] < 0.4 and good[0] > bad[0]
     assert all(value <= 0 for value in (good[0], bad[0]))  # mean log-likelihoods
+    x = torch.tensor([[-1.0], [1.0]]).repeat(20, 1)
+    wrong = relations.linear_transfer((x, torch.tensor([0, 1]).repeat(20)), (torch.tensor([[1e4]]), torch.tensor([0])))
+    assert wrong[0] == pytest.approx(np.log(1e-12)) and wrong[1] == 0.0  # certain and wrong: finite, not -inf
 
 
 def test_relations_report_gives_each_probe_its_own_ceiling_and_the_command_its_options(tmp_path):
