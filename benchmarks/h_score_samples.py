@@ -72,11 +72,11 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
             reference=None if reference is None else [f[rows] for f in reference],
         )  # fmt: skip
 
-    full = score(np.arange(len(labels)), args.seed)
-
     def related(result) -> np.ndarray | None:
         return None if result.beats_reference is None else result.beats_reference >= config.relatedness_confidence
 
+    full = score(np.arange(len(labels)), args.seed)
+    full_related = related(full)
     rng = np.random.default_rng(args.seed)
     sizes = {}
     for n in args.sizes:
@@ -85,8 +85,8 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
             sub = score(rng.choice(len(labels), n, replace=False), draw)
             top.append(np.argmax(sub.scores) == np.argmax(full.scores))
             rho.append(spearmanr(sub.scores, full.scores).statistic)
-            if related(full) is not None:
-                same.append(np.mean(related(sub) == related(full)))
+            if full_related is not None:
+                same.append(np.mean(related(sub) == full_related))
         sizes[str(n)] = {
             "top_agrees": float(np.mean(top)),
             "spearman": float(np.nanmean(rho)),
@@ -96,7 +96,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     return {
         "images": len(labels),
         "scores": full.scores.tolist(),
-        "related": None if related(full) is None else related(full).tolist(),
+        "related": None if full_related is None else full_related.tolist(),
         "sizes": sizes,
     }
 

@@ -568,6 +568,22 @@ def test_scale_benchmark_times_the_estimator_it_is_given():
     assert row["h_score_features"] == "head" and row["h_embedding_s"] > 0
 
 
+def test_h_score_samples_benchmark_agrees_with_itself_on_every_image(tmp_path):
+    """benchmarks/h_score_samples.py, tiny: a "subsample" of all the new task's images ranks the old tasks exactly as
+    all of them do; a smaller one is measured against it, and the report has a row per size."""
+    import h_score_samples
+
+    args = ["--sequences", "split", "--sizes", "8", "16", "--draws", "2", "--train_per_class", "4"]
+    args += ["--later_train_per_class", "4", "--output_dir", str(tmp_path)]
+    h_score_samples.main(args)
+    entry = json.loads((tmp_path / "h_score_samples.json").read_text())["sequences"]["split"]
+    assert entry["images"] == 16 and len(entry["scores"]) == 4 and len(entry["related"]) == 4
+    everything = entry["sizes"]["16"]
+    assert everything["top_agrees"] == 1.0 and everything["spearman"] == pytest.approx(1.0)
+    assert 0.0 <= entry["sizes"]["8"]["top_agrees"] <= 1.0
+    assert "| split | 16 | 8 |" in (tmp_path / "h_score_samples.md").read_text()
+
+
 def test_transfer_benchmark_compares_each_related_later_task_from_scratch_and_from_its_old_task(tmp_path):
     """benchmarks/transfer.py: plain LoRA, tiny; each later task of the mixed sequence that asks an earlier task's
     question starts once more from that task's adapter, and the difference is read on validation images."""
