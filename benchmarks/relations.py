@@ -185,8 +185,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         for kind in H_SCORE_FEATURES:
             rows = order[: sample_size(kind, config.h_score_samples, config.h_score_adapted_samples)]
 
-            def features_of(task_id, features=features, rows=rows):
-                return features[task_id][0][rows]
+            def features_of(task_id, first=None, features=features, rows=rows):
+                return features[task_id][0][rows[:first]]
 
             settings = dataclasses.replace(config, h_score_features=kind)
             guided[kind] = guided_embedding(

@@ -46,7 +46,7 @@ from hyperlora.demo import DEFAULTS, QuickstartArguments, build_backbone
 from hyperlora.evaluation.baselines import FrozenBaselines
 from hyperlora.files import atomic_write_json, atomic_write_text
 from hyperlora.method.embedding import guided_embedding
-from hyperlora.method.transferability import H_SCORE_FEATURES, sample_size
+from hyperlora.method.transferability import H_SCORE_FEATURES, SampleReads, sample_size
 from hyperlora.optim import cosine_schedule
 from hyperlora.trainer import ContinualTrainingArguments
 from hyperlora.training.prefix import FrozenPrefix
@@ -105,23 +105,27 @@ def measure(num_tasks: int, args: argparse.Namespace) -> dict:
     model.eval()
     images = torch.randn(args.samples, 3, size, size, generator=g)
     labels = torch.arange(args.samples) % CLASSES
+    # the frozen pass the router needs, as the trainer takes it: the H-score's sample first, in its two parts,
+    # keeping their frozen prefix for the old tasks' reads (none for "lda", which reads no old task's model)
+    n = sample_size(config.h_score_features, args.samples, config.h_score_adapted_samples)
+    screen = config.h_score_screen_samples
+    parts = [images[:screen], images[screen:n]] if config.h_score_features != "lda" else []
+    prefix = FrozenPrefix(model)
     start = time.perf_counter()
     with torch.no_grad(), model.disable_adapter():
-        frozen = model(images)
+        first = [prefix((part, 0), lambda x=x: model(x)) for part, x in enumerate(parts)]
+        frozen = torch.cat([*first, model(images[sum(len(x) for x in parts) :])])
     frozen_s = time.perf_counter() - start
     baselines = FrozenBaselines(width)  # the old tasks' class statistics, as the router holds them
     for i in range(t):
         baselines.lda.update(frozen + torch.randn_like(frozen), labels + CLASSES * i, i)
     heads = [nn.Linear(width, CLASSES) for _ in range(t)]
 
-    n = sample_size(config.h_score_features, args.samples, config.h_score_adapted_samples)
-    prefix = FrozenPrefix(model)  # as the trainer reads the old tasks: the unadapted blocks once
-
-    def features_of(task_id):
-        if task_id is None:
-            return frozen[:n]
+    def read(part, task_id):
         with torch.no_grad():
-            return prefix(0, lambda: model(images[:n], task_ids=task_id))
+            return prefix((part, 0), lambda: model(parts[part], task_ids=task_id))
+
+    features_of = SampleReads(read, frozen[:n], screen)
 
     start = time.perf_counter()
     if t:

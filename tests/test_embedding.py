@@ -9,6 +9,7 @@ import scipy.stats
 import torch
 
 from hyperlora.method.embedding import (
+    _fit_loss,
     ahp_priorities,
     fit_h_embedding,
     median_pairwise_distance,
@@ -177,3 +178,14 @@ def test_related_old_tasks_get_half_their_target_and_without_any_every_target_st
     assert target_distances([0.2, 0.6, 0.4], old, "minmax", related=[True, False, False]).distances[0] == tau
     with pytest.raises(ValueError, match="related must mark each of the 3 old tasks"):
         target_distances([0.2, 0.6, 0.4], old, related=[True])
+
+
+def test_the_fits_hand_written_gradients_are_autograds():
+    rng = np.random.default_rng(0)
+    E, D = torch.as_tensor(rng.normal(size=(5, 7))), torch.as_tensor(rng.uniform(1, 3, size=5))
+    e = torch.as_tensor(rng.normal(size=(4, 7)), dtype=torch.float64).requires_grad_()
+    log_gamma = torch.as_tensor(rng.normal(size=4), dtype=torch.float64).requires_grad_()
+    loss, grad_e, grad_log_gamma = _fit_loss(e, log_gamma, E, D)
+    loss.sum().backward()
+    torch.testing.assert_close(grad_e, e.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_log_gamma, log_gamma.grad, rtol=1e-10, atol=1e-12)

@@ -580,6 +580,7 @@ def test_h_score_samples_benchmark_agrees_with_itself_on_every_image(tmp_path):
     assert entry["images"] == 16 and len(entry["scores"]) == 4 and len(entry["related"]) == 4
     everything = entry["sizes"]["16"]
     assert everything["top_agrees"] == 1.0 and everything["spearman"] == pytest.approx(1.0)
+    assert everything["top_among_finalists"] == 1.0
     assert 0.0 <= entry["sizes"]["8"]["top_agrees"] <= 1.0
     assert "| split | 16 | 8 |" in (tmp_path / "h_score_samples.md").read_text()
 

@@ -524,8 +524,8 @@ def test_guidance_is_logged_over_each_guided_task_without_changing_training(tmp_
 
 
 def test_head_scores_through_the_frozen_prefix_equal_full_passes(tmp_path, tasks, monkeypatch):
-    """The old tasks read through their adapted blocks only (the frozen prefix replayed), on
-    h_score_adapted_samples images in two batches: the scores full forward passes give."""
+    """The old tasks read through their adapted blocks only (the frozen prefix kept from the frozen pass and
+    replayed), on h_score_adapted_samples images in two batches: the scores full forward passes give."""
 
     def vit() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -538,11 +538,32 @@ def test_head_scores_through_the_frozen_prefix_equal_full_passes(tmp_path, tasks
     replay = FrozenPrefix._replay
     monkeypatch.setattr(FrozenPrefix, "_replay", lambda self, *a, **k: replays.append(1) or replay(self, *a, **k))
     read = ContinualTrainer(vit(), settings, arguments(tmp_path / "prefix", per_device_eval_batch_size=8)).fit(tasks)
-    assert len(replays) == 1 + 1 + 2  # each task's check of its first replay; task 2: old task 1's two batches
+    # the prefix is kept from the frozen pass (tasks 1 and 2 check their first replay there), so every old task's
+    # two batches replay it: one old task before task 1, two before task 2
+    assert len(replays) == 2 + 2 * (1 + 2)
     monkeypatch.setattr(FrozenPrefix, "__call__", lambda self, batch, run: run())
     full = ContinualTrainer(vit(), settings, arguments(tmp_path / "full", per_device_eval_batch_size=8)).fit(tasks)
     np.testing.assert_allclose(read["h_scores"][2][:2], full["h_scores"][2][:2], rtol=1e-5)
     np.testing.assert_allclose(read["h_score_reference"][2][:2], full["h_score_reference"][2][:2], rtol=1e-5)
+
+
+def test_old_tasks_screened_out_score_as_their_reference_and_the_finalist_as_when_all_are_read(tmp_path, tasks):
+    """h_score_finalists=1: task 2 screens its two old tasks on 4 of its 12 sampled images and reads one on all
+    twelve (the screen kept, the rest read): its score is the one reading both in full gives; the other scores as
+    the frozen backbone in its place and ties with it (never related)."""
+    settings = {"h_score_features": "head", "h_score_adapted_samples": 12}
+    screened = ContinualTrainer(
+        tiny_vit(), config(**settings, h_score_finalists=1, h_score_screen_samples=4), arguments(tmp_path / "screen")
+    ).fit(tasks)
+    full = ContinualTrainer(tiny_vit(), config(**settings), arguments(tmp_path / "full")).fit(tasks)
+    assert screened["h_scores"][1] == full["h_scores"][1]  # one old task: nothing to screen
+    scores, reference, beats = (np.array(screened[key][2][:2]) for key in ("h_scores", "h_score_reference",
+                                                                           "h_score_beats_reference"))  # fmt: skip
+    out = int(np.flatnonzero(beats == 0.5)[0])
+    kept = 1 - out
+    assert scores[out] == pytest.approx(reference[out]) and scores[kept] != pytest.approx(reference[kept])
+    assert scores[kept] == pytest.approx(full["h_scores"][2][kept], rel=1e-5)
+    np.testing.assert_allclose(reference, full["h_score_reference"][2][:2], rtol=1e-5)
 
 
 def test_head_scores_are_read_against_the_frozen_backbone_and_related_tasks_start_nearer(tmp_path, tasks):

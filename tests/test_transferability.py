@@ -9,7 +9,14 @@ from sklearn.covariance import LedoitWolf
 
 import hyperlora.method.transferability as transferability_module
 from hyperlora.method.router import GaussianRouter
-from hyperlora.method.transferability import frozen_reference, h_score, old_task_features, transferability
+from hyperlora.method.transferability import (
+    SampleReads,
+    frozen_reference,
+    h_score,
+    old_task_features,
+    screen_old_tasks,
+    transferability,
+)
 
 
 def blobs(n: int = 300, d: int = 6, classes: int = 3, separation: float = 2.0, seed: int = 0):
@@ -188,3 +195,74 @@ def test_the_batched_bootstrap_scores_each_resample_as_h_score_does(shrinkage, m
     monkeypatch.setattr(transferability_module, "_BATCH_ELEMENTS", 3 * (40 * 5 + 25))
     batched = transferability_module._resampled_h_scores(F, rows, y, shrinkage)
     np.testing.assert_allclose(batched, [h_score(F[r], y[r], shrinkage) for r in rows], rtol=1e-10)
+
+
+def _old_task_reads(informative: set[int], n: int = 120, num_old: int = 6):
+    """Pooled features of n samples (4 classes) under num_old old tasks: those in ``informative`` separate the
+    classes, the others are noise; the frozen backbone's (None) are noise too. Records every call."""
+    labels = torch.arange(n) % 4
+    calls = []
+
+    def features_of(task, first=None):
+        calls.append((task, first))
+        seed = 100 if task is None else task
+        noise = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
+        features = noise + (3.0 * torch.eye(4)[labels] if task in informative else 0.0)
+        return features[:first]
+
+    return features_of, labels, calls
+
+
+def test_screening_keeps_the_old_tasks_that_score_best_on_the_first_images():
+    features_of, labels, calls = _old_task_reads({1, 4})
+    heads = [torch.nn.Linear(4, 4) for _ in range(6)]
+    for head in heads:  # heads that pass the features on: the scores are the features' own
+        head.weight.data, head.bias.data = torch.eye(4), torch.zeros(4)
+    kept = screen_old_tasks("head", 6, features_of, labels, keep=2, samples=32, heads=heads)
+    assert kept == [1, 4] and calls == [(i, 32) for i in range(6)]
+    for kind, num_old, samples in [("lda", 6, 32), ("head", 2, 32), ("head", 6, 120)]:  # nothing to screen
+        assert screen_old_tasks(kind, num_old, features_of, labels, keep=2, samples=samples, heads=heads) is None
+
+
+def test_an_old_task_screened_out_scores_as_its_reference_and_is_never_related():
+    """old_task_features' ``read``: the tasks left out get the frozen features in their place, so their scores equal
+    their references and they beat them in half the resamples, a tie (never related); the tasks read score as
+    without a screen, and the frozen features are read once."""
+    features_of, labels, calls = _old_task_reads({1, 4})
+    heads = [torch.nn.Linear(4, 3, bias=False) for _ in range(6)]
+    reference = frozen_reference("head", 6, features_of(None), heads)
+    full = transferability(old_task_features("head", 6, features_of, heads=heads), labels, reference=reference)
+    calls.clear()
+    features = old_task_features("head", 6, features_of, heads=heads, read=[1, 4])
+    assert calls == [(None, None), (1, None), (4, None)]
+    screened = transferability(features, labels, resamples=20, reference=reference)
+    out = [0, 2, 3, 5]
+    np.testing.assert_allclose(screened.scores[out], screened.reference[out])
+    np.testing.assert_array_equal(screened.beats_reference[out], 0.5)
+    np.testing.assert_allclose(screened.scores[[1, 4]], full.scores[[1, 4]])
+    pooled = old_task_features("pooled", 6, features_of, read=[1, 4])
+    assert pooled[0] is pooled[2] and torch.equal(pooled[1], features_of(1))
+
+
+def test_sample_reads_read_each_screen_once_and_the_rest_only_for_a_full_read():
+    """SampleReads against slicing one full read: the screen is the first images, the full read the screen (kept
+    from the screening) and the rest."""
+    sample = torch.randn(10, 3)
+    reads = []
+
+    def reader(screen):
+        def read(part, task):
+            reads.append((part, task))
+            return (sample[:screen] if part == 0 else sample[screen:]) + task
+
+        return read
+
+    features_of = SampleReads(reader(4), sample, screen=4)
+    assert torch.equal(features_of(2, 4), sample[:4] + 2)
+    assert torch.equal(features_of(2), sample + 2) and reads == [(0, 2), (1, 2)]
+    assert torch.equal(features_of(3), sample + 3) and reads[2:] == [(0, 3), (1, 3)]
+    assert torch.equal(features_of(3, 2), (sample + 3)[:2])  # another length: sliced from a full read
+    assert torch.equal(features_of(None), sample) and torch.equal(features_of(None, 4), sample[:4])
+    whole = SampleReads(reader(32), sample, screen=32)  # a screen as large as the sample: one part
+    reads.clear()
+    assert torch.equal(whole(1), sample + 1) and reads == [(0, 1)]

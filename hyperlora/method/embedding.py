@@ -13,7 +13,7 @@ from torch import nn
 
 from ..optim import cosine_schedule
 from ..tuner.config import HyperLoraConfig, Normalisation
-from .transferability import frozen_reference, old_task_features, transferability
+from .transferability import frozen_reference, old_task_features, screen_old_tasks, transferability
 
 NORMALISATIONS = get_args(Normalisation)
 
@@ -165,6 +165,23 @@ class HEmbedding(NamedTuple):
     rank_correlation: float | None  # Spearman of the fitted distances with the targets (two or more old tasks)
 
 
+def _fit_loss(
+    e: torch.Tensor, log_gamma: torch.Tensor, E: torch.Tensor, D: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each start's loss (``fit_h_embedding``) and its gradients in e and log gamma, by hand: autograd's bookkeeping
+    is most of the cost of a problem this small."""
+    target = log_gamma.exp()[:, None] * D
+    offset = e[:, None] - E
+    distance = torch.sqrt((offset**2).sum(-1) + 1e-18)
+    residual, norm = target - distance, (target**2).sum(1)
+    # + a weak pull of gamma towards 1: targets with (nearly) equal ratios are met exactly by points arbitrarily far
+    # away at any large gamma; this keeps the embedding at the scale the targets were set in (tau)
+    loss = (residual**2).sum(1) / norm + GAMMA_PRIOR * log_gamma**2
+    grad_e = -2 * ((residual / distance)[:, :, None] * offset).sum(1) / norm[:, None]
+    grad_log_gamma = 2 * (residual * distance).sum(1) / norm + 2 * GAMMA_PRIOR * log_gamma
+    return loss, grad_e, grad_log_gamma
+
+
 def fit_h_embedding(
     old_embeddings,
     target_distances,
@@ -209,30 +226,21 @@ def fit_h_embedding(
     inits = torch.cat([E[nearest], E.mean(0, keepdim=True)])
     e = inits + 0.05 * spread * torch.randn(inits.shape, generator=generator, dtype=torch.float64)
     learn_gamma = E.shape[0] >= 2
-    with torch.no_grad():  # start gamma at the least-squares scale of each start's distances
-        log_gamma = torch.log((torch.cdist(e, E) * D).sum(1) / (D * D).sum()) if learn_gamma else torch.zeros(len(e))
-    e, log_gamma = e.requires_grad_(), log_gamma.to(torch.float64).requires_grad_(learn_gamma)
+    # gamma starts at the least-squares scale of each start's distances
+    scale = (torch.cdist(e, E) * D).sum(1) / (D * D).sum()
+    log_gamma = torch.log(scale) if learn_gamma else torch.zeros_like(scale)
     optimizer = torch.optim.Adam([e, log_gamma] if learn_gamma else [e], lr=lr * spread)
     schedule = cosine_schedule(optimizer, steps)
 
-    def losses() -> torch.Tensor:
-        target = log_gamma.exp()[:, None] * D
-        distance = torch.sqrt(((e[:, None] - E) ** 2).sum(-1) + 1e-18)
-        # + a weak pull of gamma towards 1: targets with (nearly) equal ratios are met exactly by points arbitrarily
-        # far away at any large gamma; this keeps the embedding at the scale the targets were set in (tau)
-        return ((target - distance) ** 2).sum(1) / (target**2).sum(1) + GAMMA_PRIOR * log_gamma**2
-
     for _ in range(steps):
-        optimizer.zero_grad()
-        losses().sum().backward()
+        _, e.grad, log_gamma.grad = _fit_loss(e, log_gamma, E, D)
         optimizer.step()
         schedule.step()
-    with torch.no_grad():
-        best = int(losses().argmin())
-        embedding = e[best].detach()
-        fitted = torch.linalg.vector_norm(embedding - E, dim=1).numpy()
+    best = int(_fit_loss(e, log_gamma, E, D)[0].argmin())
+    embedding = e[best]
+    fitted = torch.linalg.vector_norm(embedding - E, dim=1).numpy()
     rank = float(spearmanr(fitted, d).statistic) if d.size >= 2 and np.ptp(d) > 0 else None
-    return HEmbedding(embedding.float(), float(log_gamma.detach()[best].exp()), rank)
+    return HEmbedding(embedding.float(), float(log_gamma[best].exp()), rank)
 
 
 class GuidedEmbedding(NamedTuple):
@@ -247,7 +255,7 @@ class GuidedEmbedding(NamedTuple):
 
 def guided_embedding(
     old_embeddings: np.ndarray,
-    features_of: Callable[[int | None], torch.Tensor],
+    features_of: Callable[..., torch.Tensor],
     labels: torch.Tensor,
     config: HyperLoraConfig,
     *,
@@ -256,10 +264,21 @@ def guided_embedding(
     router=None,
 ) -> GuidedEmbedding:
     """The stage before a new task trains: the old tasks' transferability to it (``features_of`` and ``labels`` are
-    its sampled images, as ``old_task_features`` reads them), which old tasks beat the frozen backbone
-    (``frozen_reference``), the target distances, and the fitted H-embedding."""
+    its sampled images, as ``old_task_features`` reads them; ``features_of(i, first)``: on the first images only, for
+    ``screen_old_tasks``), which old tasks beat the frozen backbone (``frozen_reference``), the target distances, and
+    the fitted H-embedding."""
     kind, num_old = config.h_score_features, len(old_embeddings)
-    old_features = old_task_features(kind, num_old, features_of, heads=heads, router=router)
+    read = screen_old_tasks(
+        kind,
+        num_old,
+        features_of,
+        labels,
+        keep=config.h_score_finalists,
+        samples=config.h_score_screen_samples,
+        heads=heads,
+        shrinkage=config.h_score_shrinkage,
+    )
+    old_features = old_task_features(kind, num_old, features_of, heads=heads, router=router, read=read)
     reference = None if kind == "lda" else frozen_reference(kind, num_old, features_of(None), heads)
     scores = transferability(
         old_features,

@@ -16,7 +16,7 @@ related to the new one only where it beats that reference in most resamples, not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import NamedTuple, get_args
 
 import numpy as np
@@ -131,9 +131,11 @@ def old_task_features(
     *,
     heads: Sequence[nn.Module] | None = None,
     router=None,
+    read: Collection[int] | None = None,
 ) -> list[torch.Tensor]:
     """What each old task makes of the new task's samples; ``features_of(i)`` gives their pooled features under old
-    task i's adapter (``None``: the frozen backbone), in full precision."""
+    task i's adapter (``None``: the frozen backbone), in full precision. An old task left out of ``read``
+    (``screen_old_tasks``) is given the frozen backbone's features in its place: it scores as its own reference."""
     if kind not in H_SCORE_FEATURES:
         raise ValueError(f"h_score_features must be one of {H_SCORE_FEATURES}, got {kind!r}")
     if kind == "lda":
@@ -141,12 +143,67 @@ def old_task_features(
             raise ValueError('h_score_features="lda" needs the router\'s class statistics')
         frozen = features_of(None).to(torch.float64).cpu()
         return [frozen @ router.discriminant(i) for i in range(num_old_tasks)]
-    if kind == "head":
-        if heads is None or len(heads) < num_old_tasks:
-            raise ValueError('h_score_features="head" needs the head of every old task')
-        with torch.no_grad():
-            return [heads[i](features_of(i).to(heads[i].weight.dtype)) for i in range(num_old_tasks)]
-    return [features_of(i) for i in range(num_old_tasks)]
+    if kind == "head" and (heads is None or len(heads) < num_old_tasks):
+        raise ValueError('h_score_features="head" needs the head of every old task')
+    frozen = None if read is None or len(read) == num_old_tasks else features_of(None)
+    features = [features_of(i) if read is None or i in read else frozen for i in range(num_old_tasks)]
+    if kind == "pooled":
+        return features
+    with torch.no_grad():
+        return [head(f.to(head.weight.dtype)) for head, f in zip(heads, features, strict=False)]
+
+
+def screen_old_tasks(
+    kind: str,
+    num_old_tasks: int,
+    features_of: Callable[..., torch.Tensor],
+    labels,
+    *,
+    keep: int,
+    samples: int,
+    heads: Sequence[nn.Module] | None = None,
+    shrinkage: bool = True,
+) -> list[int] | None:
+    """The old tasks worth reading on all the sampled images, for the estimators that read the old tasks' models:
+    with more than ``keep`` of them, the ``keep`` best H-scores on the first ``samples`` images
+    (``features_of(i, samples)``); None when every old task is to be read.
+
+    The first round of a successive halving: the cost of reading the old tasks stops growing with their number,
+    as the regulariser's stops at ``reg_max_tasks``. The old tasks screened out count as the frozen backbone in their
+    place (``old_task_features``' ``read``): never related, ranked by what their head makes of the frozen features.
+    """
+    y = _as_labels(labels)
+    if kind == "lda" or num_old_tasks <= keep or samples >= len(y) or len(np.unique(y[:samples])) < 2:
+        return None
+    screen = old_task_features(kind, num_old_tasks, lambda i: features_of(i, samples), heads=heads)
+    scores = transferability(screen, y[:samples], shrinkage=shrinkage).scores
+    return sorted(np.argsort(-scores, kind="stable")[:keep].tolist())
+
+
+class SampleReads:
+    """``features_of`` for ``guided_embedding`` over a sample read in two parts, the screen (its first ``screen``
+    images) and the rest: every old task's screen is read once and kept for the full read of the finalists.
+
+    ``read(part, task_id)`` gives old task ``task_id``'s features on part 0 (the screen) or 1 (the rest);
+    ``frozen``: the frozen backbone's features of the whole sample, which the router's pass has already computed.
+    """
+
+    def __init__(self, read: Callable[[int, int], torch.Tensor], frozen: torch.Tensor, screen: int) -> None:
+        self.read, self.frozen, self.screen = read, frozen, min(screen, len(frozen))
+        self._screens: dict[int, torch.Tensor] = {}
+
+    def __call__(self, task_id: int | None, first: int | None = None) -> torch.Tensor:
+        if task_id is None:
+            return self.frozen[:first]
+        if first is not None and first != self.screen:
+            return self(task_id)[:first]
+        head = self._screens.pop(task_id, None)
+        if head is None:
+            head = self.read(0, task_id)
+        if first is not None:
+            self._screens[task_id] = head
+            return head
+        return head if self.screen == len(self.frozen) else torch.cat([head, self.read(1, task_id)])
 
 
 def frozen_reference(kind: str, num_old_tasks: int, frozen, heads: Sequence[nn.Module] | None = None):

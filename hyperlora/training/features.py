@@ -3,6 +3,8 @@ features under any task's adapter or the frozen backbone, gathered across proces
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from accelerate import Accelerator
 from peft import PeftModel
@@ -53,10 +55,15 @@ class FeatureReader:
             return pooled_features(self.model(pixel_values, task_ids=task_ids)).float()
 
     def features(
-        self, loader, task_id: int | None, exact: bool = False, prefix: FrozenPrefix | None = None
+        self,
+        loader,
+        task_id: int | None,
+        exact: bool = False,
+        prefix: Callable[[int, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of a whole loader under one task's adapter (None: the frozen backbone), gathered; with a
-        ``prefix`` that has seen the loader's batches, only through the adapted blocks."""
+        ``prefix`` (a ``FrozenPrefix`` or one of its parts) that has seen the loader's batches, only through the
+        adapted blocks."""
         self.model.eval()
         features, labels = [], []
         with torch.no_grad():
@@ -70,6 +77,29 @@ class FeatureReader:
                 features.append(batch)
                 labels.append(batch_labels)
         return torch.cat(features), torch.cat(labels)
+
+    def frozen_features(
+        self, task: Task, first: Sequence[Sequence[int]] = (), prefix: FrozenPrefix | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen backbone's features of a task's training split, gathered, in the split's order. The images of
+        ``first`` (lists of indices) are read first and unsharded, by every process, through ``prefix`` as its parts
+        0, 1, ...: the frozen prefix of the images that every old task's adapter will read again."""
+        if not first:
+            return self.features(self.loader(task, "train"), None)
+        taken = {i for part in first for i in part}
+        rest = [i for i in range(len(task.train)) if i not in taken]
+        reads = [
+            (part, self.features(self.loader(task, "train", indices=part, shard=False), None, prefix=prefix.part(p)))
+            for p, part in enumerate(first)
+        ]
+        if rest:
+            reads.append((rest, self.features(self.loader(task, "train", indices=rest), None)))
+        features = reads[0][1][0].new_empty(len(task.train), reads[0][1][0].shape[1])
+        labels = reads[0][1][1].new_empty(len(task.train))
+        for rows, (part_features, part_labels) in reads:
+            index = torch.as_tensor(rows, device=features.device)
+            features[index], labels[index] = part_features, part_labels
+        return features, labels
 
     def feature_dim(self, task: Task) -> int:
         pixel_values, _ = next(iter(self.loader(task, "test", shard=False)))
@@ -104,7 +134,9 @@ class FeatureReader:
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.args.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            # its own generator, even unshuffled (a worker's seed): reading never moves the global RNG, so how
+            # much the trainer reads (old tasks, evaluations) does not change how it trains
+            generator=torch.Generator().manual_seed(seed),
         )
         if shard:
             return self.accelerator.prepare_data_loader(loader)

@@ -4,7 +4,7 @@ once and each old task only through its adapted suffix."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -36,9 +36,9 @@ class FrozenPrefix:
         self.model = model
         self.blocks = _chain(model)
         self.cut: int | None = None if self.blocks is not None else 0  # prefix length; None until the first pass
-        self._outputs: dict[int, Any] = {}  # batch index -> the last prefix block's output
+        self._outputs: dict[Hashable, Any] = {}  # batch -> the last prefix block's output
 
-    def __call__(self, batch: int, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def __call__(self, batch: Hashable, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``run()``: one forward pass of batch ``batch`` under some adapter. The first pass of a batch is a full one
         and keeps its prefix; later passes of the batch replay it."""
         if self.cut == 0:
@@ -52,6 +52,10 @@ class FrozenPrefix:
         if self.cut:
             self._outputs[batch] = captured
         return out
+
+    def part(self, name: Hashable) -> Callable[[int, Callable[[], torch.Tensor]], torch.Tensor]:
+        """This prefix for the batches of another loader (over other images): its batch b is kept as (name, b)."""
+        return lambda batch, run: self((name, batch), run)
 
     def _capture(self, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
         finished, last, started = 0, None, False  # blocks finished before any adapted module started; the last's output

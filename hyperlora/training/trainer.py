@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from ..data import Task, image_spec
 from ..evaluation.baselines import FrozenBaselines
 from ..method.embedding import fit_h_embedding, guided_embedding
 from ..method.router import GaussianRouter
-from ..method.transferability import sample_size
+from ..method.transferability import SampleReads, sample_size
 from ..optim import cosine_schedule
 from ..tuner import HyperLoraConfig
 from .arguments import ContinualTrainingArguments
@@ -124,12 +124,16 @@ class ContinualTrainer:
             set_seed(self.args.seed + t)
             timings = state.timings
             start = time.perf_counter()
-            # once per task, shared by the H-score ("lda"), the router and the frozen baselines
-            frozen = self.reader.features(self.reader.loader(tasks[t], "train"), task_id=None)
+            # once per task, shared by the H-score, the router and the frozen baselines; the H-score's sample first,
+            # unsharded, where the old tasks' models will read it: its frozen prefix is kept for their reads
+            sample = self._h_score_sample(t, tasks[t])
+            reads_models = sample is not None and self.config.h_score_features != "lda"
+            first = sample.parts if reads_models else ()
+            frozen = self.reader.frozen_features(tasks[t], first, None if sample is None else sample.prefix)
             if t > 0:
                 self.evaluator.forward_transfer_probe(t, tasks[t], frozen, state, seed=self.args.seed + t)
             timings["frozen_features_s"][t], start = time.perf_counter() - start, time.perf_counter()
-            h_embedding = self._h_embedding(t, tasks[t], state, frozen)
+            h_embedding = self._h_embedding(t, tasks[t], state, frozen, sample)
             timings["h_embedding_s"][t], start = time.perf_counter() - start, time.perf_counter()
             state.learning_curves[t] = self._train_task(t, tasks[t], h_embedding, state)
             timings["train_s"][t], start = time.perf_counter() - start, time.perf_counter()
@@ -181,10 +185,25 @@ class ContinualTrainer:
 
     # --- one task ------------------------------------------------------------------------------------------------
 
-    def _h_embedding(self, t: int, task: Task, state: RunState, frozen) -> torch.Tensor | None:
+    def _h_score_sample(self, t: int, task: Task) -> _HScoreSample | None:
+        """Task t's images that the H-scores read (none for the first task), in two parts: the screen every old task
+        is read on, and the rest (``screen_old_tasks``)."""
+        if t == 0:
+            return None
+        config = self.config
+        generator = torch.Generator().manual_seed(self.args.seed + t)
+        samples = sample_size(config.h_score_features, config.h_score_samples, config.h_score_adapted_samples)
+        indices = torch.randperm(len(task.train), generator=generator)[:samples].tolist()
+        screen = config.h_score_screen_samples
+        parts = [part for part in (indices[:screen], indices[screen:]) if part]
+        return _HScoreSample(indices, parts, FrozenPrefix(self.model))
+
+    def _h_embedding(
+        self, t: int, task: Task, state: RunState, frozen, sample: _HScoreSample | None
+    ) -> torch.Tensor | None:
         """Every old task's transferability to task t, AHP target distances, and the fitted H-embedding e^_t."""
         config = self.config
-        if t == 0:
+        if sample is None:
             embedding = fit_h_embedding(
                 np.zeros((0, config.task_embedding_dim)),
                 np.zeros(0),
@@ -193,18 +212,14 @@ class ContinualTrainer:
             ).embedding
             state.h_embeddings[0] = embedding.tolist()
             return self._add_task(embedding)
-        generator = torch.Generator().manual_seed(self.args.seed + t)
-        samples = sample_size(config.h_score_features, config.h_score_samples, config.h_score_adapted_samples)
-        sample = torch.randperm(len(task.train), generator=generator)[:samples]
-        labels = frozen[1][sample.to(frozen[1].device)].cpu()
-        loader = self.reader.loader(task, "train", indices=sample.tolist(), shard=False)
-        prefix = FrozenPrefix(self.model)
+        rows = torch.as_tensor(sample.indices, device=frozen[0].device)
+        labels = frozen[1][rows].cpu()
+        loaders = [self.reader.loader(task, "train", indices=part, shard=False) for part in sample.parts]
 
-        def features_of(task_id: int | None) -> torch.Tensor:
-            if task_id is None:
-                return frozen[0][sample.to(frozen[0].device)]
-            return self.reader.features(loader, task_id, exact=True, prefix=prefix)[0]
+        def read(part: int, task_id: int) -> torch.Tensor:
+            return self.reader.features(loaders[part], task_id, exact=True, prefix=sample.prefix.part(part))[0]
 
+        features_of = SampleReads(read, frozen[0][rows], len(sample.parts[0]))
         old = self.model.base_model.hypernet.stacked_task_embeddings().detach().cpu().numpy()
         guided = guided_embedding(
             old, features_of, labels, config, seed=self.args.seed + t, heads=self.heads, router=self.router
@@ -303,6 +318,12 @@ class ContinualTrainer:
         if self.baselines is None:
             self.baselines = FrozenBaselines(features.shape[1], shrinkage=self.config.router_shrinkage)
         self.baselines.add_task(t, features.double().cpu(), labels.cpu() + offset)
+
+
+class _HScoreSample(NamedTuple):
+    indices: list[int]  # of the task's training images
+    parts: list[list[int]]  # the indices in two parts: the screen and the rest
+    prefix: FrozenPrefix  # their frozen prefix, kept from the frozen pass for the old tasks' reads
 
 
 def _nan_if_none(value: float | None) -> float:

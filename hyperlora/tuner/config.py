@@ -38,6 +38,8 @@ _POSITIVE_INTS = (
     "hypernet_num_layers",
     "h_score_samples",
     "h_score_adapted_samples",
+    "h_score_finalists",
+    "h_score_screen_samples",
     "reg_max_tasks",
 )
 _NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage", "relatedness_confidence")
@@ -91,6 +93,17 @@ class HyperLoraConfig(PeftConfig):
             "help": "Of those, the samples run through every old task's adapter (head, pooled): their cost is this "
             "times the old tasks, through the adapted blocks only."
         },
+    )
+    h_score_finalists: int = field(
+        default=8,
+        metadata={
+            "help": "With more old tasks than this, head and pooled screen them all on h_score_screen_samples images "
+            "and read only this many, the best screened, on the rest: the others count as the frozen backbone in their "
+            "place (unrelated). Bounds the estimator's cost, as reg_max_tasks bounds the regulariser's."
+        },
+    )
+    h_score_screen_samples: int = field(
+        default=32, metadata={"help": "The images every old task is screened on (h_score_finalists)."}
     )
     h_score_shrinkage: bool = field(default=True, metadata={"help": "Ledoit-Wolf H_alpha (True) or plain."})
     h_score_resamples: int = field(
