@@ -563,9 +563,9 @@ def test_scale_benchmark_times_the_estimator_it_is_given():
     import scale
 
     quick = ["--samples", "16", "--warmup", "1", "--repeats", "1", "--threads", "1"]
-    assert scale.measure(2, scale.parse_args(quick))["h_score_features"] == "lda"  # the library default
-    row = scale.measure(2, scale.parse_args([*quick, "--h_score_features", "head"]))
-    assert row["h_score_features"] == "head" and row["h_embedding_s"] > 0
+    assert scale.measure(2, scale.parse_args(quick))["h_score_features"] == "head"  # the library default
+    row = scale.measure(2, scale.parse_args([*quick, "--h_score_features", "lda"]))
+    assert row["h_score_features"] == "lda" and row["h_embedding_s"] > 0
 
 
 def test_h_score_samples_benchmark_agrees_with_itself_on_every_image(tmp_path):

@@ -257,7 +257,7 @@ def test_h_scores_are_normalised_and_the_h_embedding_is_recorded(tmp_path, tasks
     results = run(tmp_path, tasks, plots=False)
     h = np.array(results["h_scores"], dtype=float)
     assert np.all((h[np.tril_indices(3, k=-1)] >= 0) & (h[np.tril_indices(3, k=-1)] <= 1))
-    assert results["h_score_features"] == "lda"
+    assert results["h_score_features"] == "head"
     assert np.isnan(results["gamma"][0]) and results["gamma"][2] > 0
     assert results["consistency_ratio"][2] >= 0 and -1 <= results["h_embedding_rank_correlation"][2] <= 1
     embeddings = json.loads((tmp_path / "embeddings.json").read_text())
@@ -583,7 +583,7 @@ def test_head_scores_are_read_against_the_frozen_backbone_and_related_tasks_star
     moved = json.loads((tmp_path / "embeddings.json").read_text())["h_embeddings"][1]
     kept = json.loads((tmp_path / "never" / "embeddings.json").read_text())["h_embeddings"][1]
     assert (moved != kept) == related
-    plain = run(tmp_path / "lda", tasks)
+    plain = ContinualTrainer(tiny_vit(), config(h_score_features="lda"), arguments(tmp_path / "lda")).fit(tasks)
     assert np.isnan(np.array(plain["h_score_reference"], dtype=float)).all()  # lda never sees an adapter
 
 

@@ -80,10 +80,11 @@ class HyperLoraConfig(PeftConfig):
 
     # Continual-learning method (read by hyperlora.ContinualTrainer).
     h_score_features: HScoreFeatures = field(
-        default="lda",
+        default="head",
         metadata={
-            "help": "What each old task's H-score reads: lda (frozen features times its LDA directions), head (its "
-            "head's logits under its adapter) or pooled (pooled features under its adapter; saturates)."
+            "help": "What each old task's H-score reads: head (its head's logits under its adapter), lda (frozen "
+            "features times its LDA directions: cheaper, blind to the old tasks' models) or pooled (pooled features "
+            "under its adapter; saturates)."
         },
     )
     h_score_samples: int = field(default=1000, metadata={"help": "n_max samples used for the H-scores."})
