@@ -9,8 +9,9 @@ registered, training the last one:
 - the peak memory of those steps;
 - the H-embedding of task T as the trainer computes it (hyperlora.method.transferability with ``h_score_features``,
   bootstrap resamples, AHP, the fit), on ``--samples`` images (those that read the old tasks' models on
-  ``h_score_adapted_samples`` of them, through the adapted blocks); the frozen features it reads are computed once
-  per task for the router anyway and are timed apart;
+  ``h_score_adapted_samples`` of them, through the adapted blocks, screened beyond ``h_score_finalists`` old tasks);
+  the frozen features it reads, and the frozen prefix of its sample, come from the pass the router needs anyway,
+  timed apart;
 - the H-embedding's time as a share of the task's training time (200 steps);
 - the bytes of what the trainer holds for the old tasks and of everything stored.
 
@@ -184,10 +185,11 @@ def write_report(out: Path, rows: list[dict], args: argparse.Namespace) -> str:
         "",
         "The regulariser samples at most `reg_max_tasks` (8) old tasks per step, so its cost stops growing after 9 "
         "tasks; the head projection's grows with the old tasks' directions, up to 3/4 of the hypernetwork's width. "
-        'With `h_score_features="lda"` (the default) the H-embedding needs no forward pass per old task: it reads the '
-        "frozen features the router needs anyway (timed apart), so its cost is the bootstrap and the fit; "
-        '"head" and "pooled" run their images (`h_score_adapted_samples`) through every old task\'s adapted blocks, '
-        "the blocks before the first adapted module once for all (hyperlora.training.prefix).",
+        'With `h_score_features="head"` (the default) the old tasks read the sample through their adapted blocks '
+        "only: the blocks before the first adapted module ran once, in the frozen pass the router needs (timed apart: "
+        "hyperlora.training.prefix), and beyond `h_score_finalists` (8) old tasks every one is screened on "
+        "`h_score_screen_samples` (32) images and only the best 8 read on the rest, so that it grows by 32 images per "
+        'old task, not 128. `"lda"` reads no old task\'s model: its cost is the bootstrap and the fit.',
         "",
         f"Peak training memory: {describe(sorted({r['memory_how'] for r in rows}))}; over the {args.warmup} "
         "warm-up steps.",

@@ -168,9 +168,10 @@ def screen_old_tasks(
     with more than ``keep`` of them, the ``keep`` best H-scores on the first ``samples`` images
     (``features_of(i, samples)``); None when every old task is to be read.
 
-    The first round of a successive halving: the cost of reading the old tasks stops growing with their number,
-    as the regulariser's stops at ``reg_max_tasks``. The old tasks screened out count as the frozen backbone in their
-    place (``old_task_features``' ``read``): never related, ranked by what their head makes of the frozen features.
+    The first round of a successive halving: beyond ``keep`` old tasks, reading them grows by ``samples`` images per
+    old task instead of all of them (a quarter, at the defaults). The old tasks screened out count as the frozen
+    backbone in their place (``old_task_features``' ``read``): never related, ranked by what their head makes of the
+    frozen features.
     """
     y = _as_labels(labels)
     if kind == "lda" or num_old_tasks <= keep or samples >= len(y) or len(np.unique(y[:samples])) < 2:
