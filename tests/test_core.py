@@ -512,6 +512,21 @@ def test_no_grad_forwards_reuse_generated_weights(timm_vit, vit_images):
     counter.remove()
 
 
+def test_weights_generated_under_autocast_serve_a_full_precision_forward(timm_vit, vit_images):
+    """The weight cache filled under bf16 autocast (as an evaluation fills it) is generated in float32 all the
+    same, so a forward outside autocast (as the H-score reads the old tasks) is the float32 one exactly."""
+    model = get_peft_model(timm_vit, small_config())
+    model.add_task()
+    perturb(model)
+    with torch.no_grad():
+        exact = model(vit_images)
+        model.base_model._weight_cache.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(vit_images)
+        again = model(vit_images)
+    assert torch.equal(again, exact)
+
+
 def test_frozen_model_reuses_weights_even_with_autograd_on(timm_vit, vit_images):
     model = get_peft_model(timm_vit, small_config())
     model.add_task()
