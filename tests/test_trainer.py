@@ -523,26 +523,46 @@ def test_guidance_is_logged_over_each_guided_task_without_changing_training(tmp_
     assert unlogged["accuracy_matrix"] == results["accuracy_matrix"]  # the probe reads, it never trains
 
 
+LAST_BLOCK = r"blocks\.1\.mlp\.fc\d"  # adapted in two_block_vit: block 0 is a frozen prefix
+
+
+def two_block_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2
+    )
+
+
+def test_frozen_features_read_the_h_score_sample_first_in_the_splits_order(tmp_path, tasks):
+    """The frozen pass that reads the H-score's sample first, in parts and through the prefix, gives the plain pass's
+    features and labels row for row, and keeps the sample's prefix: one output per part (one batch each)."""
+    trainer = ContinualTrainer(two_block_vit(), config(target_modules=LAST_BLOCK), arguments(tmp_path))
+    plain_features, plain_labels = trainer.reader.frozen_features(tasks[0])
+    prefix = FrozenPrefix(trainer.model)
+    features, labels = trainer.reader.frozen_features(tasks[0], [[5, 0, 9], [3, 11, 2, 7]], prefix)
+    torch.testing.assert_close(features, plain_features, rtol=1e-5, atol=1e-6)
+    assert torch.equal(labels, plain_labels)
+    assert prefix.cut == 1 and sorted(prefix._outputs) == [(0, 0), (1, 0)]
+
+
 def test_head_scores_through_the_frozen_prefix_equal_full_passes(tmp_path, tasks, monkeypatch):
     """The old tasks read through their adapted blocks only (the frozen prefix kept from the frozen pass and
     replayed), on h_score_adapted_samples images in two batches: the scores full forward passes give."""
 
-    def vit() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2
-        )
-
-    settings = config(h_score_features="head", h_score_adapted_samples=12, target_modules=r"blocks\.1\.mlp\.fc\d")
+    settings = config(h_score_features="head", h_score_adapted_samples=12, target_modules=LAST_BLOCK)
     replays = []
     replay = FrozenPrefix._replay
     monkeypatch.setattr(FrozenPrefix, "_replay", lambda self, *a, **k: replays.append(1) or replay(self, *a, **k))
-    read = ContinualTrainer(vit(), settings, arguments(tmp_path / "prefix", per_device_eval_batch_size=8)).fit(tasks)
+    read = ContinualTrainer(
+        two_block_vit(), settings, arguments(tmp_path / "prefix", per_device_eval_batch_size=8)
+    ).fit(tasks)
     # the prefix is kept from the frozen pass (tasks 1 and 2 check their first replay there), so every old task's
     # two batches replay it: one old task before task 1, two before task 2
     assert len(replays) == 2 + 2 * (1 + 2)
     monkeypatch.setattr(FrozenPrefix, "__call__", lambda self, batch, run: run())
-    full = ContinualTrainer(vit(), settings, arguments(tmp_path / "full", per_device_eval_batch_size=8)).fit(tasks)
+    full = ContinualTrainer(two_block_vit(), settings, arguments(tmp_path / "full", per_device_eval_batch_size=8)).fit(
+        tasks
+    )
     np.testing.assert_allclose(read["h_scores"][2][:2], full["h_scores"][2][:2], rtol=1e-5)
     np.testing.assert_allclose(read["h_score_reference"][2][:2], full["h_score_reference"][2][:2], rtol=1e-5)
 

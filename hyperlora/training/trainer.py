@@ -127,9 +127,10 @@ class ContinualTrainer:
             # once per task, shared by the H-score, the router and the frozen baselines; the H-score's sample first,
             # unsharded, where the old tasks' models will read it: its frozen prefix is kept for their reads
             sample = self._h_score_sample(t, tasks[t])
-            reads_models = sample is not None and self.config.h_score_features != "lda"
-            first = sample.parts if reads_models else ()
-            frozen = self.reader.frozen_features(tasks[t], first, None if sample is None else sample.prefix)
+            if sample is not None and self.config.h_score_features != "lda":
+                frozen = self.reader.frozen_features(tasks[t], sample.parts, sample.prefix)
+            else:
+                frozen = self.reader.frozen_features(tasks[t])
             if t > 0:
                 self.evaluator.forward_transfer_probe(t, tasks[t], frozen, state, seed=self.args.seed + t)
             timings["frozen_features_s"][t], start = time.perf_counter() - start, time.perf_counter()

@@ -113,8 +113,8 @@ class HyperLoraLayer(BaseTunerLayer, nn.Module):
                     "not one of its layers"
                 )
             A, B, index = weights
-            # each on its own: weights generated under autocast can come out with A and B in different precisions
-            A, B = A.to(x.dtype), B.to(x.dtype)
+            if A.dtype != x.dtype or B.dtype != x.dtype:  # under autocast A and B can come out in different ones
+                A, B = A.to(x.dtype), B.to(x.dtype)
             # the scaling goes on B (out x r), not on the (batch, ..., out) output: one pass less, both ways
             B = B * self.scaling[name]
             x_in = self.lora_dropout[name](x)
