@@ -57,7 +57,7 @@ from hyperlora.data import Task, TaskImages, image_spec, pooled_features
 from hyperlora.demo import build_backbone
 from hyperlora.files import atomic_write_json, atomic_write_text
 from hyperlora.method.embedding import guided_embedding, median_pairwise_distance
-from hyperlora.method.transferability import H_SCORE_FEATURES, sample_size
+from hyperlora.method.transferability import H_SCORE_FEATURES, related_old_tasks, sample_size
 from hyperlora.structured import Domain, TaskSpec, relation_matrix, shape_task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 
@@ -197,6 +197,11 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             kind: torch.linalg.vector_norm(old_embeddings - torch.as_tensor(result.embedding), dim=1).tolist()
             for kind, result in guided.items()
         }
+        related = {
+            kind: related_old_tasks(result.beats_reference, config.relatedness_confidence)
+            for kind, result in guided.items()
+            if result.beats_reference is not None
+        }
         chosen = guided[config.h_score_features]
         test_loader = _loader(probe, "test", spec)
         scratch_likelihood, scratch_accuracy = linear_transfer(features[None], _features(model, test_loader, None))
@@ -208,11 +213,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
                     "old_task": name,
                     "same_factor": factor == RELATION_FACTORS[p],
                     **{f"h_score_{kind}": float(guided[kind].scores[i]) for kind in H_SCORE_FEATURES},
-                    **{
-                        f"related_{kind}": bool(guided[kind].beats_reference[i] >= config.relatedness_confidence)
-                        for kind in H_SCORE_FEATURES
-                        if guided[kind].beats_reference is not None
-                    },
+                    **{f"related_{kind}": bool(related[kind][i]) for kind in related},
+                    **{f"beats_reference_{kind}": float(guided[kind].beats_reference[i]) for kind in related},
                     **{f"embedding_distance_{kind}": distances[kind][i] for kind in H_SCORE_FEATURES},
                     "embedding_distance": distances[config.h_score_features][i],
                     "random_score": float(rng.random()),

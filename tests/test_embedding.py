@@ -16,6 +16,7 @@ from hyperlora.method.embedding import (
     pairwise_comparison_matrix,
     target_distances,
 )
+from hyperlora.method.transferability import related_old_tasks
 
 
 def test_comparison_matrix_without_resamples_is_the_clipped_score_ratio():
@@ -174,7 +175,9 @@ def test_related_old_tasks_get_half_their_target_and_without_any_every_target_st
     inherited = target_distances([0.2, 0.6, 0.4], old, related=[False, True, True]).distances
     np.testing.assert_allclose(inherited, plain * [1.0, 0.5, 0.5])
     assert inherited.min() == pytest.approx(tau / 2)  # the best related task: nearer than any unrelated one
-    assert target_distances([0.2, 0.6, 0.4], old, related=[False] * 3).distances.min() == pytest.approx(tau)
+    fresh = target_distances([0.2, 0.6, 0.4], old, related=[False] * 3)
+    assert fresh.distances.min() == pytest.approx(tau) and fresh.min_distance == pytest.approx(tau)
+    assert target_distances([0.2, 0.6, 0.4], old, related=[False, True, False]).min_distance is None
     assert target_distances([0.2, 0.6, 0.4], old, "minmax", related=[True, False, False]).distances[0] == tau
     with pytest.raises(ValueError, match="related must mark each of the 3 old tasks"):
         target_distances([0.2, 0.6, 0.4], old, related=[True])
@@ -189,3 +192,34 @@ def test_the_fits_hand_written_gradients_are_autograds():
     loss.sum().backward()
     torch.testing.assert_close(grad_e, e.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_log_gamma, log_gamma.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 8])
+def test_a_fresh_start_keeps_tau_from_every_old_embedding_even_where_the_fit_does_not(seed):
+    """Eight old tasks in 32 dimensions, targets of tau to 2 tau: the bare fit ends at 0.95-0.96 tau from one old
+    embedding here (as a relations probe did); with min_distance it is moved out, no further than it must along its
+    ray."""
+    rng = np.random.default_rng(seed)
+    old = rng.normal(size=(8, 32))
+    targets = target_distances(rng.uniform(0.1, 0.5, size=8), old)
+    tau = median_pairwise_distance(old)
+    bare = fit_h_embedding(old, targets.distances, seed=seed).embedding.numpy()
+    kept = fit_h_embedding(old, targets.distances, seed=seed, min_distance=targets.min_distance).embedding.numpy()
+    assert np.linalg.norm(old - bare, axis=1).min() < tau  # the case the bound is for
+    distances = np.linalg.norm(old - kept, axis=1)
+    assert distances.min() >= tau * (1 - 1e-6)
+    nearest = np.linalg.norm(old - bare, axis=1).argmin()
+    ray = (kept - bare) / np.linalg.norm(kept - bare)
+    np.testing.assert_allclose(ray, (bare - old[nearest]) / np.linalg.norm(bare - old[nearest]), atol=1e-5)
+    step = np.linalg.norm(kept - bare)
+    shorter = bare + ray * (step - (tau + np.linalg.norm(old - bare, axis=1).max()) / 64)
+    assert np.linalg.norm(old - shorter, axis=1).min() < tau  # the first step on the ray that clears every one
+
+
+def test_relatedness_holds_its_confidence_for_all_old_tasks_together():
+    """Bonferroni: with m old tasks each must win 1 - 0.05 / m of the resamples."""
+    np.testing.assert_array_equal(related_old_tasks([0.95], 0.95), [True])
+    np.testing.assert_array_equal(related_old_tasks([0.96, 0.98, 1.0, 0.5], 0.95), [False, False, True, False])
+    np.testing.assert_array_equal(related_old_tasks([0.975, 0.97], 0.95), [True, False])
+    assert not related_old_tasks([1.0, 1.0], 1.5).any()  # above 1: never
+    assert related_old_tasks([], 0.95).shape == (0,)

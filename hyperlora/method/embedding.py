@@ -13,7 +13,13 @@ from torch import nn
 
 from ..optim import cosine_schedule
 from ..tuner.config import HyperLoraConfig, Normalisation
-from .transferability import frozen_reference, old_task_features, screen_old_tasks, transferability
+from .transferability import (
+    frozen_reference,
+    old_task_features,
+    related_old_tasks,
+    screen_old_tasks,
+    transferability,
+)
 
 NORMALISATIONS = get_args(Normalisation)
 
@@ -99,10 +105,12 @@ def median_pairwise_distance(embeddings) -> float:
 
 
 class Targets(NamedTuple):
-    """What the H-embedding is fitted to: a distance to every old embedding, and AHP's consistency ratio."""
+    """What the H-embedding is fitted to: a distance to every old embedding, AHP's consistency ratio, and how near
+    to any old embedding it may start."""
 
     distances: np.ndarray
     consistency_ratio: float | None  # AHP only
+    min_distance: float | None = None  # tau for a fresh start (no related old task): it starts as a stranger
 
 
 INHERIT_SCALE = 0.5  # a related old task's target distance is this share of its normalised one
@@ -126,7 +134,8 @@ def target_distances(
 
     ``related`` (a mask over the old tasks: those that beat the frozen backbone beyond the noise) halves their
     targets, to [tau / 2, tau]: the new task starts nearer to them than any unrelated embedding is, and inherits
-    their generated weights; without a related old task every target stays at tau or beyond, a fresh start.
+    their generated weights; without a related old task every target stays at tau or beyond, a fresh start, and
+    ``min_distance`` makes tau a bound the fit must keep, not only a target it approaches.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
@@ -146,12 +155,11 @@ def target_distances(
         # The eigenvector of an inconsistent matrix can spread past Saaty's 1-9 range: clip to it.
         saaty = np.minimum(weights.max() / weights, 9.0)
         distances = tau * (1.0 + (saaty - 1.0) / 8.0)
-    if related is not None:
-        mask = np.asarray(related, dtype=bool)
-        if mask.shape != h.shape:
-            raise ValueError(f"related must mark each of the {h.size} old tasks, got shape {mask.shape}")
-        distances = np.where(mask, INHERIT_SCALE * distances, distances)
-    return Targets(distances, ratio)
+    mask = np.zeros(h.shape, dtype=bool) if related is None else np.asarray(related, dtype=bool)
+    if mask.shape != h.shape:
+        raise ValueError(f"related must mark each of the {h.size} old tasks, got shape {mask.shape}")
+    distances = np.where(mask, INHERIT_SCALE * distances, distances)
+    return Targets(distances, ratio, None if mask.any() else tau)
 
 
 GAMMA_PRIOR = 1e-3
@@ -191,6 +199,7 @@ def fit_h_embedding(
     seed: int = 0,
     dim: int | None = None,
     starts: int = 8,
+    min_distance: float | None = None,
 ) -> HEmbedding:
     """The H-embedding: argmin over e (and a scale gamma) of sum_i (gamma d_i - ||e - e_i||)^2 / sum_i (gamma d_i)^2
     + 1e-3 log(gamma)^2.
@@ -199,8 +208,10 @@ def fit_h_embedding(
     relative squared error is smooth (Adam converges instead of circling a kink) and has no degenerate gamma -> 0;
     the weak prior on gamma picks, among exact fits, the one at the targets' own scale rather than one far away.
     The fit runs from ``starts`` points at once (near the old embeddings with the smallest targets, and their
-    centroid) with a cosine-decayed learning rate, and keeps the best. Without old tasks the H-embedding is a seeded
-    N(0, 1) vector of size ``dim``. Deterministic for a seed; the global RNG is untouched.
+    centroid) with a cosine-decayed learning rate, and keeps the best. With ``min_distance``, a fit that ends nearer
+    to an old embedding (with many old tasks not every target can be met: a fresh start ended at 0.97 tau) is moved
+    straight away from that one until every old embedding is at least that far. Without old tasks the H-embedding is
+    a seeded N(0, 1) vector of size ``dim``. Deterministic for a seed; the global RNG is untouched.
     """
     generator = torch.Generator().manual_seed(seed)
     if isinstance(old_embeddings, torch.Tensor):
@@ -237,10 +248,24 @@ def fit_h_embedding(
         optimizer.step()
         schedule.step()
     best = int(_fit_loss(e, log_gamma, E, D)[0].argmin())
-    embedding = e[best]
+    embedding = e[best] if min_distance is None else _keep_away(e[best].detach(), E, min_distance)
     fitted = torch.linalg.vector_norm(embedding - E, dim=1).numpy()
     rank = float(spearmanr(fitted, d).statistic) if d.size >= 2 and np.ptp(d) > 0 else None
     return HEmbedding(embedding.float(), float(log_gamma[best].exp()), rank)
+
+
+def _keep_away(e: torch.Tensor, E: torch.Tensor, radius: float, candidates: int = 64) -> torch.Tensor:
+    """The nearest point to e, along the ray from e's nearest old embedding through e, at least ``radius`` from every
+    old embedding (to 1/``candidates`` of the longest step). That step, radius + the farthest distance, always is."""
+    distance = torch.linalg.vector_norm(e - E, dim=1)
+    if distance.min() >= radius:
+        return e
+    nearest = int(distance.argmin())
+    direction = (e - E[nearest]) / distance[nearest].clamp_min(1e-12)
+    steps = (radius + distance.max()) * torch.arange(1, candidates + 1, dtype=e.dtype) / candidates
+    moved = e + steps[:, None] * direction
+    clear = (torch.cdist(moved, E).min(1).values >= radius).nonzero()
+    return moved[int(clear[0])]
 
 
 class GuidedEmbedding(NamedTuple):
@@ -288,13 +313,17 @@ def guided_embedding(
         seed=seed,
         reference=reference,
     )
-    related = None if scores.beats_reference is None else scores.beats_reference >= config.relatedness_confidence
+    related = None
+    if scores.beats_reference is not None:
+        related = related_old_tasks(scores.beats_reference, config.relatedness_confidence)
     targets = target_distances(
         scores.scores, old_embeddings, normalisation=config.normalisation, resampled=scores.resampled, related=related
     )
     if targets is None:
         return GuidedEmbedding(scores.scores, None, None, None, None, scores.reference, scores.beats_reference)
-    fitted = fit_h_embedding(old_embeddings, targets.distances, steps=config.h_embedding_steps, seed=seed)
+    fitted = fit_h_embedding(
+        old_embeddings, targets.distances, steps=config.h_embedding_steps, seed=seed, min_distance=targets.min_distance
+    )
     return GuidedEmbedding(
         scores.scores,
         fitted.embedding,
