@@ -10,6 +10,7 @@ import torch
 
 from hyperlora.method.embedding import (
     _fit_loss,
+    _keep_away,
     ahp_priorities,
     fit_h_embedding,
     median_pairwise_distance,
@@ -211,9 +212,28 @@ def test_a_fresh_start_keeps_tau_from_every_old_embedding_even_where_the_fit_doe
     nearest = np.linalg.norm(old - bare, axis=1).argmin()
     ray = (kept - bare) / np.linalg.norm(kept - bare)
     np.testing.assert_allclose(ray, (bare - old[nearest]) / np.linalg.norm(bare - old[nearest]), atol=1e-5)
+    before = np.linalg.norm(old - bare, axis=1)
+    least, most = tau - before.min(), tau + before.max()
     step = np.linalg.norm(kept - bare)
-    shorter = bare + ray * (step - (tau + np.linalg.norm(old - bare, axis=1).max()) / 64)
-    assert np.linalg.norm(old - shorter, axis=1).min() < tau  # the first step on the ray that clears every one
+    assert least - 1e-6 <= step <= most + 1e-6
+    if step > least + 1e-6:  # a step shorter by one of the 64 candidates' spacing still leaves one inside
+        assert np.linalg.norm(old - (bare + ray * (step - (most - least) / 64)), axis=1).min() < tau
+
+
+def test_a_fresh_start_next_to_the_only_old_embedding_is_moved_out_to_tau_exactly():
+    old, inside = np.array([[3.0, 4.0, 0.0]]), torch.tensor([2.0, 4.0, 0.0], dtype=torch.float64)
+    moved = _keep_away(inside, torch.as_tensor(old), 5.0)
+    np.testing.assert_allclose(moved.numpy(), [-2.0, 4.0, 0.0])
+    torch.testing.assert_close(_keep_away(moved, torch.as_tensor(old), 5.0), moved)  # already clear: unchanged
+
+
+def test_a_fresh_start_between_two_old_embeddings_goes_as_far_as_clears_both():
+    """Out of the nearer one's ball along the ray lands inside the other's: the first longer step that clears both."""
+    old = torch.tensor([[0.0, 0.0], [3.0, 0.0]], dtype=torch.float64)
+    moved = _keep_away(torch.tensor([0.5, 0.0], dtype=torch.float64), old, 2.0)
+    distances = torch.linalg.vector_norm(moved - old, dim=1)
+    assert distances.min() >= 2.0 - 1e-9 and moved[0] >= 5.0 - 1e-9  # the ray runs through the second ball
+    assert moved[0] < 5.0 + (2.0 + 2.5 - 1.5) / 64 + 1e-9  # no further than one step past its edge
 
 
 def test_relatedness_holds_its_confidence_for_all_old_tasks_together():

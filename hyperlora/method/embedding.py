@@ -256,15 +256,17 @@ def fit_h_embedding(
 
 def _keep_away(e: torch.Tensor, E: torch.Tensor, radius: float, candidates: int = 64) -> torch.Tensor:
     """The nearest point to e, along the ray from e's nearest old embedding through e, at least ``radius`` from every
-    old embedding (to 1/``candidates`` of the longest step). That step, radius + the farthest distance, always is."""
+    old embedding: the step that puts that one at ``radius``, if it clears the others, else the first of
+    ``candidates`` evenly spaced longer steps that does. The longest, radius + the farthest distance, always does."""
     distance = torch.linalg.vector_norm(e - E, dim=1)
     if distance.min() >= radius:
         return e
     nearest = int(distance.argmin())
     direction = (e - E[nearest]) / distance[nearest].clamp_min(1e-12)
-    steps = (radius + distance.max()) * torch.arange(1, candidates + 1, dtype=e.dtype) / candidates
+    least, most = radius - distance[nearest], radius + distance.max()
+    steps = least + (most - least) * torch.arange(candidates + 1, dtype=e.dtype) / candidates
     moved = e + steps[:, None] * direction
-    clear = (torch.cdist(moved, E).min(1).values >= radius).nonzero()
+    clear = (torch.linalg.vector_norm(moved[:, None] - E, dim=-1).min(1).values >= radius * (1 - 1e-9)).nonzero()
     return moved[int(clear[0])]
 
 
