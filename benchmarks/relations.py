@@ -197,7 +197,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             kind: torch.linalg.vector_norm(old_embeddings - torch.as_tensor(result.embedding), dim=1).tolist()
             for kind, result in guided.items()
         }
-        related = {
+        marked = {
             kind: related_old_tasks(result.beats_reference, config.relatedness_confidence)
             for kind, result in guided.items()
             if result.beats_reference is not None
@@ -213,8 +213,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
                     "old_task": name,
                     "same_factor": factor == RELATION_FACTORS[p],
                     **{f"h_score_{kind}": float(guided[kind].scores[i]) for kind in H_SCORE_FEATURES},
-                    **{f"related_{kind}": bool(related[kind][i]) for kind in related},
-                    **{f"beats_reference_{kind}": float(guided[kind].beats_reference[i]) for kind in related},
+                    **{f"related_{kind}": bool(marked[kind][i]) for kind in marked},
+                    **{f"beats_reference_{kind}": float(guided[kind].beats_reference[i]) for kind in marked},
                     **{f"embedding_distance_{kind}": distances[kind][i] for kind in H_SCORE_FEATURES},
                     "embedding_distance": distances[config.h_score_features][i],
                     "random_score": float(rng.random()),

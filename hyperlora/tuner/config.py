@@ -114,8 +114,9 @@ class HyperLoraConfig(PeftConfig):
         default=0.95,
         metadata={
             "help": "An old task is related to the new one, and its target distance halves so that the new task "
-            "starts near it, when it beats the frozen backbone's score in this share of the resamples "
-            "(h_score_features head or pooled; lda has no such reference). Above 1: never."
+            "starts near it, when it beats the frozen backbone's score beyond the noise, with this confidence for "
+            "all m old tasks together: in 1 - (1 - confidence) / m of the resamples (h_score_features head or "
+            "pooled; lda has no such reference). Above 1: never."
         },
     )
     normalisation: Normalisation = field(default="ahp", metadata={"help": "ahp | minmax | none."})
