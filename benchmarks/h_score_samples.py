@@ -7,7 +7,7 @@ trains the first ``--old_tasks`` tasks; on the next task's training images each 
 on ``--draws`` random subsamples of each ``--sizes``. Per size: how often the subsample's top-ranked old task is the
 full sample's, how often the full sample's is among the subsample's best ``h_score_finalists`` (what the screen
 keeps: ``screen_old_tasks``), the Spearman correlation of the two rankings, and how often an old task's relatedness
-(beats the frozen backbone in ``relatedness_confidence`` of the resamples) is the same. The subsample size is what the
+(beats the frozen backbone beyond the noise: ``related_old_tasks``) is the same. The subsample size is what the
 estimator's cost grows with, times the old tasks (``HyperLoraConfig.h_score_adapted_samples``,
 ``h_score_screen_samples``).
 
@@ -33,7 +33,13 @@ from hyperlora import HyperLoraConfig
 from hyperlora.cli import parse
 from hyperlora.demo import DEFAULTS, build_backbone
 from hyperlora.files import atomic_write_json, atomic_write_text
-from hyperlora.method.transferability import H_SCORE_FEATURES, frozen_reference, old_task_features, transferability
+from hyperlora.method.transferability import (
+    H_SCORE_FEATURES,
+    frozen_reference,
+    old_task_features,
+    related_old_tasks,
+    transferability,
+)
 from hyperlora.structured import SEQUENCES, structured_tasks
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 
@@ -76,7 +82,9 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
         )  # fmt: skip
 
     def related(result) -> np.ndarray | None:
-        return None if result.beats_reference is None else result.beats_reference >= config.relatedness_confidence
+        if result.beats_reference is None:
+            return None
+        return related_old_tasks(result.beats_reference, config.relatedness_confidence)
 
     full = score(np.arange(len(labels)), args.seed)
     full_related = related(full)

@@ -206,13 +206,12 @@ def test_a_fresh_start_keeps_tau_from_every_old_embedding_even_where_the_fit_doe
     tau = median_pairwise_distance(old)
     bare = fit_h_embedding(old, targets.distances, seed=seed).embedding.numpy()
     kept = fit_h_embedding(old, targets.distances, seed=seed, min_distance=targets.min_distance).embedding.numpy()
-    assert np.linalg.norm(old - bare, axis=1).min() < tau  # the case the bound is for
-    distances = np.linalg.norm(old - kept, axis=1)
-    assert distances.min() >= tau * (1 - 1e-6)
-    nearest = np.linalg.norm(old - bare, axis=1).argmin()
-    ray = (kept - bare) / np.linalg.norm(kept - bare)
-    np.testing.assert_allclose(ray, (bare - old[nearest]) / np.linalg.norm(bare - old[nearest]), atol=1e-5)
     before = np.linalg.norm(old - bare, axis=1)
+    assert before.min() < tau  # the case the bound is for
+    assert np.linalg.norm(old - kept, axis=1).min() >= tau * (1 - 1e-6)
+    nearest = before.argmin()
+    ray = (kept - bare) / np.linalg.norm(kept - bare)
+    np.testing.assert_allclose(ray, (bare - old[nearest]) / before[nearest], atol=1e-5)
     least, most = tau - before.min(), tau + before.max()
     step = np.linalg.norm(kept - bare)
     assert least - 1e-6 <= step <= most + 1e-6
@@ -243,3 +242,30 @@ def test_relatedness_holds_its_confidence_for_all_old_tasks_together():
     np.testing.assert_array_equal(related_old_tasks([0.975, 0.97], 0.95), [True, False])
     assert not related_old_tasks([1.0, 1.0], 1.5).any()  # above 1: never
     assert related_old_tasks([], 0.95).shape == (0,)
+
+
+@pytest.mark.parametrize("seed", [7, 11, 13])
+def test_guided_embedding_starts_fresh_at_tau_or_beyond_when_no_old_task_beats_the_frozen_backbone(seed, monkeypatch):
+    """Old tasks whose features are noise lose to the frozen backbone in every resample: none is related, and the
+    H-embedding keeps tau from all eight old embeddings, where its bare fit ended at 0.82-0.97 tau."""
+    import hyperlora.method.embedding as embedding_module
+    from hyperlora import HyperLoraConfig
+
+    rng = np.random.default_rng(seed)
+    labels = torch.as_tensor(np.repeat(np.arange(4), 32))
+    signal = np.eye(4)[labels.numpy()] * 2 + rng.normal(size=(128, 4))
+    frozen = torch.as_tensor(np.concatenate([signal, rng.normal(size=(128, 4))], axis=1))
+    noise = [torch.as_tensor(rng.normal(size=(128, 8))) for _ in range(8)]
+    old = rng.normal(size=(8, 32))
+
+    def features_of(task, first=None):
+        return (frozen if task is None else noise[task])[:first]
+
+    config = HyperLoraConfig(target_modules=["qkv"], h_score_features="pooled")
+    tau = median_pairwise_distance(old)
+    guided = embedding_module.guided_embedding(old, features_of, labels, config, seed=seed)
+    assert not related_old_tasks(guided.beats_reference, config.relatedness_confidence).any()
+    assert np.linalg.norm(old - guided.embedding.numpy(), axis=1).min() >= tau * (1 - 1e-6)
+    monkeypatch.setattr(embedding_module, "_keep_away", lambda e, *_: e)  # the bare fit: nearer than tau
+    bare = embedding_module.guided_embedding(old, features_of, labels, config, seed=seed).embedding.numpy()
+    assert np.linalg.norm(old - bare, axis=1).min() < tau

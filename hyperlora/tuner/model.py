@@ -248,9 +248,9 @@ class HyperLoraModel(BaseTuner):
         cached = self._weight_cache.get(name)
         if cached is None or cached[0] != key:
             # in full precision whatever the caller's autocast: the cache also serves full-precision reads
-            device = hypernet.stacked_task_embeddings().device.type
-            with torch.no_grad(), torch.autocast(device, enabled=False):
-                cached = (key, hypernet(hypernet.stacked_task_embeddings()))
+            embeddings = hypernet.stacked_task_embeddings().detach()
+            with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
+                cached = (key, hypernet(embeddings))
             self._weight_cache[name] = cached
         return cached[1], {task: task for task in range(hypernet.num_tasks)}
 
