@@ -508,6 +508,7 @@ def method_metrics(method: str, result: dict) -> dict:
     beats = result.get("h_score_beats_reference")
     if beats is not None and np.isfinite(np.array(beats, dtype=float)).any():  # which old tasks counted as related
         metrics["h_score_beats_reference"] = beats
+        metrics["h_score_related"] = result.get("h_score_related")
     if "frozen_baselines" in result:  # the trainer's own frozen probe and LDA, on the same run's features
         metrics["frozen_baselines"] = {k: v for k, v in result["frozen_baselines"].items() if not k.endswith("task")}
     return metrics

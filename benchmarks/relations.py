@@ -57,7 +57,7 @@ from hyperlora.data import Task, TaskImages, image_spec, pooled_features
 from hyperlora.demo import build_backbone
 from hyperlora.files import atomic_write_json, atomic_write_text
 from hyperlora.method.embedding import guided_embedding, median_pairwise_distance
-from hyperlora.method.transferability import H_SCORE_FEATURES, related_old_tasks, sample_size
+from hyperlora.method.transferability import H_SCORE_FEATURES, sample_size
 from hyperlora.structured import Domain, TaskSpec, relation_matrix, shape_task
 from hyperlora.trainer import ContinualTrainer, ContinualTrainingArguments
 
@@ -197,11 +197,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             kind: torch.linalg.vector_norm(old_embeddings - torch.as_tensor(result.embedding), dim=1).tolist()
             for kind, result in guided.items()
         }
-        marked = {
-            kind: related_old_tasks(result.beats_reference, config.relatedness_confidence)
-            for kind, result in guided.items()
-            if result.beats_reference is not None
-        }
+        marked = {kind: result.related for kind, result in guided.items() if result.related is not None}
         chosen = guided[config.h_score_features]
         test_loader = _loader(probe, "test", spec)
         scratch_likelihood, scratch_accuracy = linear_transfer(features[None], _features(model, test_loader, None))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -269,3 +271,39 @@ def test_guided_embedding_starts_fresh_at_tau_or_beyond_when_no_old_task_beats_t
     monkeypatch.setattr(embedding_module, "_keep_away", lambda e, *_: e)  # the bare fit: nearer than tau
     bare = embedding_module.guided_embedding(old, features_of, labels, config, seed=seed).embedding.numpy()
     assert np.linalg.norm(old - bare, axis=1).min() < tau
+
+
+def test_an_old_head_that_beats_its_reference_is_related_only_if_its_pooled_features_beat_the_frozen_ones():
+    """Old task 0's adapter only moves the frozen features' class signal to the dimensions its head reads: the head
+    beats its reference (itself on the frozen features) in every resample, yet the adapted features hold exactly what
+    the frozen ones do (a permutation: tied in every resample, up to rounding). Starting from it gives nothing: by default it is not
+    related; with relatedness_pooled=False, the head's reading alone, it is."""
+    from hyperlora import HyperLoraConfig
+    from hyperlora.method.embedding import guided_embedding
+
+    rng = np.random.default_rng(0)
+    labels = torch.as_tensor(np.repeat(np.arange(4), 32))
+    centres = rng.normal(size=(4, 2)) * 3
+    signal, other = centres[labels.numpy()] + rng.normal(size=(128, 2)), rng.normal(size=(128, 2))
+    frozen = torch.as_tensor(np.concatenate([signal, other], axis=1))
+    adapted = [frozen[:, [2, 3, 0, 1]], torch.as_tensor(rng.normal(size=(128, 4)))]
+    heads = [torch.nn.Linear(4, 4, bias=False).double() for _ in range(2)]
+    with torch.no_grad():
+        heads[0].weight.zero_()
+        heads[0].weight[:, 2:] = torch.as_tensor(centres)
+
+    def features_of(task, first=None):
+        return (frozen if task is None else adapted[task])[:first]
+
+    old = rng.normal(size=(2, 32))
+    config = HyperLoraConfig(target_modules=["qkv"], h_score_features="head")
+    guided = guided_embedding(old, features_of, labels, config, heads=heads)
+    assert guided.beats_reference[0] == 1.0 and guided.beats_pooled_reference[0] < 0.9  # ties, up to rounding
+    np.testing.assert_array_equal(guided.related, [False, False])
+    head_alone = guided_embedding(old, features_of, labels, replace(config, relatedness_pooled=False), heads=heads)
+    np.testing.assert_array_equal(head_alone.related, [True, False])
+    assert head_alone.beats_pooled_reference is None
+    nearest = np.linalg.norm(old - head_alone.embedding.numpy(), axis=1)
+    assert nearest[0] < nearest[1] and np.linalg.norm(old - guided.embedding.numpy(), axis=1).min() >= (
+        median_pairwise_distance(old) * (1 - 1e-6)
+    )

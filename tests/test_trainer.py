@@ -599,10 +599,17 @@ def test_head_scores_are_read_against_the_frozen_backbone_and_related_tasks_star
         tiny_vit(), config(h_score_features="head", relatedness_confidence=1.5), arguments(tmp_path / "never")
     ).fit(tasks)
     assert never["h_scores"][1] == results["h_scores"][1]  # task 1: the same scores; only the targets may differ
-    related = beats[1, 0] >= 0.95
-    moved = json.loads((tmp_path / "embeddings.json").read_text())["h_embeddings"][1]
-    kept = json.loads((tmp_path / "never" / "embeddings.json").read_text())["h_embeddings"][1]
-    assert (moved != kept) == related
+    head_alone = ContinualTrainer(
+        tiny_vit(), config(h_score_features="head", relatedness_pooled=False), arguments(tmp_path / "head")
+    ).fit(tasks)
+    assert head_alone["h_score_related"][1][0] == float(beats[1, 0] >= 0.95)  # its head beats the reference
+    # by default its pooled features must beat the frozen backbone's too: here they do not
+    assert results["h_score_related"][1][0] == 0.0 and head_alone["h_score_related"][1][0] == 1.0
+
+    def start(run: str) -> list[float]:
+        return json.loads((tmp_path / run / "embeddings.json").read_text())["h_embeddings"][1]
+
+    assert start("head") != start("never") and start("") == start("never")
     plain = ContinualTrainer(tiny_vit(), config(h_score_features="lda"), arguments(tmp_path / "lda")).fit(tasks)
     assert np.isnan(np.array(plain["h_score_reference"], dtype=float)).all()  # lda never sees an adapter
 

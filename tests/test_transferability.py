@@ -46,8 +46,9 @@ def test_shrinkage_score_matches_sklearn_ledoit_wolf(n, d):
     assert h_score(F, y) == pytest.approx(reference_shrinkage(F, y), rel=1e-9)
 
 
-def test_plain_score_matches_numpy_pinv_formula():
-    F, y = blobs()
+@pytest.mark.parametrize("n, d", [(300, 6), (40, 60)])
+def test_plain_score_matches_numpy_pinv_formula(n, d):
+    F, y = blobs(n, d)
     assert h_score(F, y, shrinkage=False) == pytest.approx(reference_plain(F, y), rel=1e-9)
 
 
@@ -195,6 +196,25 @@ def test_the_batched_bootstrap_scores_each_resample_as_h_score_does(shrinkage, m
     monkeypatch.setattr(transferability_module, "_BATCH_ELEMENTS", 3 * (40 * 5 + 25))
     batched = transferability_module._resampled_h_scores(F, rows, y, shrinkage)
     np.testing.assert_allclose(batched, [h_score(F[r], y[r], shrinkage) for r in rows], rtol=1e-10)
+
+
+@pytest.mark.parametrize("shrinkage", [True, False])
+def test_more_dimensions_than_samples_score_each_resample_as_the_direct_formulas_do(shrinkage, monkeypatch):
+    """With d > n the resamples are scored through the n x n Gram matrix (Woodbury): each equals scikit-learn's
+    Ledoit-Wolf or the pseudo-inverse formula on the resample's own d x d covariance, in stacks of 3, with a constant
+    column and a resample that repeats one row per class."""
+    F, y = blobs(24, 40, classes=3)
+    F[:, 5] = -0.5
+    order = np.argsort(y, kind="stable")
+    F, y = F[order], y[order]
+    rng = np.random.default_rng(1)
+    members = [np.flatnonzero(y == c) for c in range(3)]
+    rows = np.stack([np.concatenate([rng.choice(m, size=len(m)) for m in members]) for _ in range(7)])
+    rows[2] = np.concatenate([np.full(len(m), m[0]) for m in members])
+    monkeypatch.setattr(transferability_module, "_BATCH_ELEMENTS", 3 * 3 * 24 * 24)
+    batched = transferability_module._resampled_h_scores(F, rows, y, shrinkage)
+    direct = reference_shrinkage if shrinkage else reference_plain
+    np.testing.assert_allclose(batched, [direct(F[r], y[r]) for r in rows], rtol=1e-8)
 
 
 def _old_task_reads(informative: set[int], n: int = 120, num_old: int = 6):

@@ -3,6 +3,7 @@ stage that runs before a task trains (``guided_embedding``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, get_args
 
@@ -15,6 +16,7 @@ from ..optim import cosine_schedule
 from ..tuner.config import HyperLoraConfig, Normalisation
 from .transferability import (
     frozen_reference,
+    head_logits,
     old_task_features,
     related_old_tasks,
     screen_old_tasks,
@@ -278,6 +280,9 @@ class GuidedEmbedding(NamedTuple):
     rank_correlation: float | None
     reference: np.ndarray | None = None  # the frozen backbone's score in each old task's place
     beats_reference: np.ndarray | None = None  # how surely each old task beats it (share of resamples)
+    related: np.ndarray | None = None  # the old tasks the new one starts near (None: no reference to judge by)
+    beats_pooled_reference: np.ndarray | None = None  # relatedness_pooled: how surely its pooled features beat the
+    # frozen backbone's
 
 
 def guided_embedding(
@@ -292,8 +297,8 @@ def guided_embedding(
 ) -> GuidedEmbedding:
     """The stage before a new task trains: the old tasks' transferability to it (``features_of`` and ``labels`` are
     its sampled images, as ``old_task_features`` reads them; ``features_of(i, first)``: on the first images only, for
-    ``screen_old_tasks``), which old tasks beat the frozen backbone (``frozen_reference``), the target distances, and
-    the fitted H-embedding."""
+    ``screen_old_tasks``), which old tasks beat the frozen backbone (``frozen_reference``; with
+    ``relatedness_pooled``, by their pooled features too), the target distances, and the fitted H-embedding."""
     kind, num_old = config.h_score_features, len(old_embeddings)
     read = screen_old_tasks(
         kind,
@@ -305,33 +310,43 @@ def guided_embedding(
         heads=heads,
         shrinkage=config.h_score_shrinkage,
     )
-    old_features = old_task_features(kind, num_old, features_of, heads=heads, router=router, read=read)
-    reference = None if kind == "lda" else frozen_reference(kind, num_old, features_of(None), heads)
-    scores = transferability(
-        old_features,
-        labels,
+    pooled = None
+    if kind == "head" and config.relatedness_pooled:  # one read of every old task's adapter serves both
+        pooled = old_task_features("pooled", num_old, features_of, read=read)
+        old_features = head_logits(heads, pooled)
+    else:
+        old_features = old_task_features(kind, num_old, features_of, heads=heads, router=router, read=read)
+    frozen = None if kind == "lda" else features_of(None)
+    estimate = functools.partial(
+        transferability,
+        labels=labels,
         shrinkage=config.h_score_shrinkage,
         resamples=config.h_score_resamples,
-        seed=seed,
-        reference=reference,
+        seed=seed,  # the same resamples for both readings
     )
-    related = None
+    scores = estimate(
+        old_features, reference=None if frozen is None else frozen_reference(kind, num_old, frozen, heads)
+    )
+    related = by_pooled = None
     if scores.beats_reference is not None:
         related = related_old_tasks(scores.beats_reference, config.relatedness_confidence)
+    if pooled is not None:
+        by_pooled = estimate(pooled, reference=[frozen]).beats_reference
+        related &= related_old_tasks(by_pooled, config.relatedness_confidence)
+    judged = {
+        "reference": scores.reference,
+        "beats_reference": scores.beats_reference,
+        "related": related,
+        "beats_pooled_reference": by_pooled,
+    }
     targets = target_distances(
         scores.scores, old_embeddings, normalisation=config.normalisation, resampled=scores.resampled, related=related
     )
     if targets is None:
-        return GuidedEmbedding(scores.scores, None, None, None, None, scores.reference, scores.beats_reference)
+        return GuidedEmbedding(scores.scores, None, None, None, None, **judged)
     fitted = fit_h_embedding(
         old_embeddings, targets.distances, steps=config.h_embedding_steps, seed=seed, min_distance=targets.min_distance
     )
     return GuidedEmbedding(
-        scores.scores,
-        fitted.embedding,
-        fitted.gamma,
-        targets.consistency_ratio,
-        fitted.rank_correlation,
-        scores.reference,
-        scores.beats_reference,
+        scores.scores, fitted.embedding, fitted.gamma, targets.consistency_ratio, fitted.rank_correlation, **judged
     )

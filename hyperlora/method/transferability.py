@@ -73,6 +73,45 @@ def _h_scores(F: np.ndarray, inverse: np.ndarray, shrinkage: bool) -> np.ndarray
     return np.where(informative, scores, 0.0)
 
 
+def _gram_h_scores(F: np.ndarray, rows: np.ndarray, inverse: np.ndarray, shrinkage: bool) -> np.ndarray:
+    """``_h_scores`` of F (n, d) on each resample (rows: (resamples, n)) through the n x n Gram matrix, for d > n.
+
+    Why: pooled features (d = 768-1280) are read on n = 128 images, where a d x d solve per resample costs d^3. Every
+    quantity of the Ledoit-Wolf H-score is a function of K = X X^T (X the centred resample): with S = (1 - a) X^T X / n
+    + a mu I, Woodbury gives m^T S^-1 m in terms of K, and tr(S^-1 (1 - a) Sigma_G) = sum_c b_c^T f(K) b_c / n_c for
+    f(k) = k / (k + a mu n / (1 - a)) and b_c class c's indicator, centred. Plain (a = 0) is f = 1 on K's range: the
+    pseudo-inverse. K comes from one Gram matrix of all n samples, so a resample costs n^3, not n^2 d.
+    """
+    n, d = F.shape
+    centred = F - F.mean(0)
+    centred *= np.ptp(F, axis=0) != 0  # as in _h_scores: a constant column's rounding is no signal
+    gram = centred @ centred.T
+    counts = np.bincount(inverse).astype(float)
+    indicators = np.eye(len(counts))[inverse] - counts / n  # (n, C), orthogonal to K's null vector 1
+    scores, step = [], max(1, _BATCH_ELEMENTS // (3 * n * n))
+    for start in range(0, len(rows), step):
+        batch = rows[start : start + step]
+        K = gram[batch[:, :, None], batch[:, None, :]]
+        K = K - K.mean(1, keepdims=True) - K.mean(2, keepdims=True) + K.mean((1, 2), keepdims=True)
+        eigenvalues, eigenvectors = np.linalg.eigh(K)
+        eigenvalues = eigenvalues.clip(min=0.0)
+        trace = eigenvalues.sum(1)
+        if shrinkage:  # Ledoit-Wolf's alpha, from the Gram matrix: ||C||_F = ||K||_F / n, ||x_i||^2 = K_ii
+            mu = trace / (n * d)
+            frobenius = (K**2).sum((1, 2)) / n**2
+            delta = (frobenius - mu**2 * d) / d
+            beta = ((np.einsum("bii->bi", K) ** 2).sum(1) / n - frobenius) / (d * n)
+            alpha = np.where(delta > 0, np.minimum(beta, delta) / np.where(delta > 0, delta, 1.0), 0.0)[:, None]
+            weight = (1.0 - alpha) * eigenvalues
+            denominator = weight + alpha * mu[:, None] * n
+            f = np.divide(weight, denominator, out=np.zeros_like(weight), where=denominator > 0)
+        else:
+            f = (eigenvalues > eigenvalues.max(1, keepdims=True) * max(n, d) * np.finfo(float).eps).astype(float)
+        projections = np.einsum("bnj,nc->bjc", eigenvectors, indicators) ** 2
+        scores.append(np.where(trace > 0, np.einsum("bj,bjc,c->b", f, projections, 1.0 / counts), 0.0))
+    return np.concatenate(scores)
+
+
 def h_score(features, labels, shrinkage: bool = True) -> float:
     """H(F, y) = tr(Sigma_F^-1 Sigma_G): between-class variance of the features relative to their total variance.
 
@@ -95,12 +134,14 @@ def h_score(features, labels, shrinkage: bool = True) -> float:
     classes, inverse = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"the H-score needs at least 2 classes, got {len(classes)}")
-    return float(_h_scores(F[None], inverse, shrinkage)[0])
+    return float(_resampled_h_scores(F, np.arange(len(F))[None], inverse, shrinkage)[0])
 
 
 def _resampled_h_scores(F: np.ndarray, rows: np.ndarray, inverse: np.ndarray, shrinkage: bool) -> np.ndarray:
     """h_score of F on each resample (rows: (resamples, n), each with the class layout ``inverse``), in batches."""
     n, d = F.shape
+    if d > n:
+        return _gram_h_scores(F, rows, inverse, shrinkage)
     batch = max(1, _BATCH_ELEMENTS // (n * d + d * d))
     return np.concatenate(
         [_h_scores(F[rows[start : start + batch]], inverse, shrinkage) for start in range(0, len(rows), batch)]
@@ -159,8 +200,11 @@ def old_task_features(
         raise ValueError('h_score_features="head" needs the head of every old task')
     frozen = None if read is None or len(read) == num_old_tasks else features_of(None)
     features = [features_of(i) if read is None or i in read else frozen for i in range(num_old_tasks)]
-    if kind == "pooled":
-        return features
+    return features if kind == "pooled" else head_logits(heads, features)
+
+
+def head_logits(heads: Sequence[nn.Module], features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each old task's head on its pooled features ("head" from "pooled"): both readings from one pass."""
     with torch.no_grad():
         return [head(f.to(head.weight.dtype)) for head, f in zip(heads, features, strict=False)]
 
@@ -229,8 +273,7 @@ def frozen_reference(kind: str, num_old_tasks: int, frozen, heads: Sequence[nn.M
     if kind == "lda":
         return None
     if kind == "head":
-        with torch.no_grad():
-            return [heads[i](frozen.to(heads[i].weight.dtype)) for i in range(num_old_tasks)]
+        return head_logits(heads[:num_old_tasks], [frozen] * num_old_tasks)
     return [frozen]
 
 

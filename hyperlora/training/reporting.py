@@ -102,6 +102,7 @@ def run_results(state: RunState, config: HyperLoraConfig) -> dict[str, Any]:
         h_scores=state.h_scores,
         h_score_reference=state.h_score_reference,
         h_score_beats_reference=state.h_score_beats_reference,
+        h_score_related=state.h_score_related,
         h_score_features=config.h_score_features,
         consistency_ratio=state.consistency_ratio,
         gamma=state.gamma,

@@ -24,6 +24,7 @@ class RunState:
     h_scores: Matrix
     h_score_reference: Matrix  # [t][i]: the frozen backbone's score in old task i's place (head / pooled features)
     h_score_beats_reference: Matrix  # [t][i]: share of resamples in which old task i beats it
+    h_score_related: Matrix  # [t][i]: 1.0 where task t started near old task i (it beat the frozen backbone), else 0.0
     h_embeddings: list[list[float] | None]
     learning_curves: list[list[list[float]]]  # per task, [step, test accuracy] pairs
     guidance: list[list[list[float]]]  # per task, [step, guidance loss, its weighted gradient norm on the hypernet]
@@ -55,6 +56,7 @@ class RunState:
             h_scores=[row() for _ in range(n)],
             h_score_reference=[row() for _ in range(n)],
             h_score_beats_reference=[row() for _ in range(n)],
+            h_score_related=[row() for _ in range(n)],
             h_embeddings=[None] * n,
             learning_curves=[[] for _ in range(n)],
             guidance=[[] for _ in range(n)],
@@ -83,9 +85,17 @@ class RunState:
             "guidance": [[] for _ in range(n)],
             "h_score_reference": [[None] * n for _ in range(n)],
             "h_score_beats_reference": [[None] * n for _ in range(n)],
+            "h_score_related": [[None] * n for _ in range(n)],
         }
         state = cls(**{key: value for key, value in (earlier | saved).items() if key in known})
-        for name in ("task_il", "class_il", "h_scores", "h_score_reference", "h_score_beats_reference"):
+        for name in (
+            "task_il",
+            "class_il",
+            "h_scores",
+            "h_score_reference",
+            "h_score_beats_reference",
+            "h_score_related",
+        ):
             setattr(state, name, [_nan_row(row) for row in getattr(state, name)])
         for name in (
             "gamma",

@@ -229,6 +229,7 @@ class ContinualTrainer:
         if guided.reference is not None:
             state.h_score_reference[t][:t] = guided.reference.tolist()
             state.h_score_beats_reference[t][:t] = guided.beats_reference.tolist()
+            state.h_score_related[t][:t] = guided.related.astype(float).tolist()
         if guided.embedding is None:
             return self._add_task(None)
         state.gamma[t] = guided.gamma

@@ -44,7 +44,7 @@ _POSITIVE_INTS = (
 )
 _NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage", "relatedness_confidence")
 _NUMBERS = ("lora_alpha", "lora_dropout", *_NON_NEGATIVE_FLOATS)
-_BOOLS = ("h_score_shrinkage", "head_projection", "free_pace", "inference_mode")
+_BOOLS = ("h_score_shrinkage", "relatedness_pooled", "head_projection", "free_pace", "inference_mode")
 _MODULE_LISTS = ("target_modules", "exclude_modules", "modules_to_save")
 # adapter_config.json key (not a field) with the SHA-256 of the weights file(s) saved next to it.
 CHECKSUM_KEY = "weights_sha256"
@@ -117,6 +117,15 @@ class HyperLoraConfig(PeftConfig):
             "starts near it, when it beats the frozen backbone's score beyond the noise, with this confidence for "
             "all m old tasks together: in 1 - (1 - confidence) / m of the resamples (h_score_features head or "
             "pooled; lda has no such reference). Above 1: never."
+        },
+    )
+    relatedness_pooled: bool = field(
+        default=True,
+        metadata={
+            "help": "With h_score_features head, an old task counts as related only where its adapted pooled "
+            "features also beat the frozen backbone's pooled features (their H-scores, with the same confidence): "
+            "the question that starting from it answers. The old head's read of the frozen features, the head's own "
+            "reference, is easy to beat: old heads that transfer nothing beat it in every resample."
         },
     )
     normalisation: Normalisation = field(default="ahp", metadata={"help": "ahp | minmax | none."})
