@@ -276,8 +276,8 @@ def test_guided_embedding_starts_fresh_at_tau_or_beyond_when_no_old_task_beats_t
 def test_an_old_head_that_beats_its_reference_is_related_only_if_its_pooled_features_beat_the_frozen_ones():
     """Old task 0's adapter only moves the frozen features' class signal to the dimensions its head reads: the head
     beats its reference (itself on the frozen features) in every resample, yet the adapted features hold exactly what
-    the frozen ones do (a permutation: tied in every resample, up to rounding). Starting from it gives nothing: by default it is not
-    related; with relatedness_pooled=False, the head's reading alone, it is."""
+    the frozen ones do (a permutation: tied in every resample, up to rounding). Starting from it gives nothing: by
+    default it is not related; with relatedness_pooled=False, the head's reading alone, it is."""
     from hyperlora import HyperLoraConfig
     from hyperlora.method.embedding import guided_embedding
 
@@ -299,6 +299,7 @@ def test_an_old_head_that_beats_its_reference_is_related_only_if_its_pooled_feat
     config = HyperLoraConfig(target_modules=["qkv"], h_score_features="head")
     guided = guided_embedding(old, features_of, labels, config, heads=heads)
     assert guided.beats_reference[0] == 1.0 and guided.beats_pooled_reference[0] < 0.9  # ties, up to rounding
+    assert np.isnan(guided.beats_pooled_reference[1])  # its head lost: its pooled features are not read
     np.testing.assert_array_equal(guided.related, [False, False])
     head_alone = guided_embedding(old, features_of, labels, replace(config, relatedness_pooled=False), heads=heads)
     np.testing.assert_array_equal(head_alone.related, [True, False])

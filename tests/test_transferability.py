@@ -70,9 +70,10 @@ def test_separable_labels_score_higher_than_shuffled(shrinkage):
     assert h_score(F, y, shrinkage=shrinkage) > 5 * h_score(F, shuffled, shrinkage=shrinkage)
 
 
-def test_constant_features_score_zero():
-    assert h_score(np.ones((10, 4)), np.arange(10) % 2) == 0.0
-    assert h_score(np.ones((10, 4)), np.arange(10) % 2, shrinkage=False) == 0.0
+@pytest.mark.parametrize("shape", [(10, 4), (6, 10)])
+def test_constant_features_score_zero(shape):
+    assert h_score(np.ones(shape), np.arange(shape[0]) % 2) == 0.0
+    assert h_score(np.ones(shape), np.arange(shape[0]) % 2, shrinkage=False) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -282,7 +282,7 @@ class GuidedEmbedding(NamedTuple):
     beats_reference: np.ndarray | None = None  # how surely each old task beats it (share of resamples)
     related: np.ndarray | None = None  # the old tasks the new one starts near (None: no reference to judge by)
     beats_pooled_reference: np.ndarray | None = None  # relatedness_pooled: how surely its pooled features beat the
-    # frozen backbone's
+    # frozen backbone's, where its head beat its own reference (NaN elsewhere)
 
 
 def guided_embedding(
@@ -330,9 +330,11 @@ def guided_embedding(
     related = by_pooled = None
     if scores.beats_reference is not None:
         related = related_old_tasks(scores.beats_reference, config.relatedness_confidence)
-    if pooled is not None:
-        by_pooled = estimate(pooled, reference=[frozen]).beats_reference
-        related &= related_old_tasks(by_pooled, config.relatedness_confidence)
+    if pooled is not None:  # the second test, only where the first passed (m stays every old task)
+        by_pooled, tested = np.full(num_old, np.nan), np.flatnonzero(related)
+        if tested.size:
+            by_pooled[tested] = estimate([pooled[i] for i in tested], reference=[frozen]).beats_reference
+        related = related_old_tasks(by_pooled, config.relatedness_confidence)
     judged = {
         "reference": scores.reference,
         "beats_reference": scores.beats_reference,

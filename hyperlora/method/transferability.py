@@ -78,8 +78,9 @@ def _gram_h_scores(F: np.ndarray, rows: np.ndarray, inverse: np.ndarray, shrinka
 
     Why: pooled features (d = 768-1280) are read on n = 128 images, where a d x d solve per resample costs d^3. Every
     quantity of the Ledoit-Wolf H-score is a function of K = X X^T (X the centred resample): with S = (1 - a) X^T X / n
-    + a mu I, Woodbury gives m^T S^-1 m in terms of K, and tr(S^-1 (1 - a) Sigma_G) = sum_c b_c^T f(K) b_c / n_c for
-    f(k) = k / (k + a mu n / (1 - a)) and b_c class c's indicator, centred. Plain (a = 0) is f = 1 on K's range: the
+    + a mu I, Woodbury gives tr(S^-1 (1 - a) Sigma_G) = sum_c b_c^T K (K + lam I)^-1 b_c / n_c, with lam = a mu n /
+    (1 - a) and b_c class c's indicator, centred; that is C - 1 - lam sum_c b_c^T (K + lam I)^-1 b_c / n_c, one n x n
+    solve. Plain (lam = 0, or too small to solve by) is the projection onto K's range, by eigenvectors: the
     pseudo-inverse. K comes from one Gram matrix of all n samples, so a resample costs n^3, not n^2 d.
     """
     n, d = F.shape
@@ -93,22 +94,28 @@ def _gram_h_scores(F: np.ndarray, rows: np.ndarray, inverse: np.ndarray, shrinka
         batch = rows[start : start + step]
         K = gram[batch[:, :, None], batch[:, None, :]]
         K = K - K.mean(1, keepdims=True) - K.mean(2, keepdims=True) + K.mean((1, 2), keepdims=True)
-        eigenvalues, eigenvectors = np.linalg.eigh(K)
-        eigenvalues = eigenvalues.clip(min=0.0)
-        trace = eigenvalues.sum(1)
+        trace = np.einsum("bii->b", K)
+        lam = np.zeros(len(K))
         if shrinkage:  # Ledoit-Wolf's alpha, from the Gram matrix: ||C||_F = ||K||_F / n, ||x_i||^2 = K_ii
             mu = trace / (n * d)
             frobenius = (K**2).sum((1, 2)) / n**2
             delta = (frobenius - mu**2 * d) / d
             beta = ((np.einsum("bii->bi", K) ** 2).sum(1) / n - frobenius) / (d * n)
-            alpha = np.where(delta > 0, np.minimum(beta, delta) / np.where(delta > 0, delta, 1.0), 0.0)[:, None]
-            weight = (1.0 - alpha) * eigenvalues
-            denominator = weight + alpha * mu[:, None] * n
-            f = np.divide(weight, denominator, out=np.zeros_like(weight), where=denominator > 0)
-        else:
-            f = (eigenvalues > eigenvalues.max(1, keepdims=True) * max(n, d) * np.finfo(float).eps).astype(float)
-        projections = np.einsum("bnj,nc->bjc", eigenvectors, indicators) ** 2
-        scores.append(np.where(trace > 0, np.einsum("bj,bjc,c->b", f, projections, 1.0 / counts), 0.0))
+            alpha = np.where(delta > 0, np.minimum(beta, delta) / np.where(delta > 0, delta, 1.0), 0.0)
+            lam = np.where(alpha < 1, alpha * mu * n / np.maximum(1 - alpha, 1e-300), np.inf)
+        score = np.zeros(len(K))
+        solve = np.isfinite(lam) & (lam > 1e-9 * trace / n)
+        if solve.any():
+            shifted = K[solve] + lam[solve, None, None] * np.eye(n)
+            quadratic = np.einsum("nc,bnc,c->b", indicators, np.linalg.solve(shifted, indicators), 1.0 / counts)
+            score[solve] = len(counts) - 1 - lam[solve] * quadratic
+        exact = ~solve & np.isfinite(lam)  # plain: f(k) = 1 on K's range
+        if exact.any():
+            eigenvalues, eigenvectors = np.linalg.eigh(K[exact])
+            kept = eigenvalues > eigenvalues.max(1, keepdims=True).clip(min=0) * max(n, d) * np.finfo(float).eps
+            projections = np.einsum("bnj,nc->bjc", eigenvectors, indicators) ** 2
+            score[exact] = np.einsum("bj,bjc,c->b", kept.astype(float), projections, 1.0 / counts)
+        scores.append(np.where(trace > 0, score, 0.0))
     return np.concatenate(scores)
 
 
@@ -166,7 +173,7 @@ def related_old_tasks(beats_reference, confidence: float) -> np.ndarray:
     nothing one passes a third of the time (1 - 0.95^8), and the new task then inherits from a stranger; on the
     relations benchmark two of six probes with no transferring old task did (one at 95% of resamples exactly).
     """
-    beats = np.asarray(beats_reference, dtype=float)
+    beats = np.asarray(beats_reference, dtype=float)  # NaN: not tested, so not related
     return beats >= 1.0 - (1.0 - confidence) / max(beats.size, 1)
 
 
