@@ -199,11 +199,16 @@ def test_the_batched_bootstrap_scores_each_resample_as_h_score_does(shrinkage, m
     np.testing.assert_allclose(batched, [h_score(F[r], y[r], shrinkage) for r in rows], rtol=1e-10)
 
 
-@pytest.mark.parametrize("shrinkage", [True, False])
-def test_more_dimensions_than_samples_score_each_resample_as_the_direct_formulas_do(shrinkage, monkeypatch):
+@pytest.mark.parametrize("shrinkage, by_eigenvectors", [(True, False), (True, True), (False, False)])
+def test_more_dimensions_than_samples_score_each_resample_as_the_direct_formulas_do(
+    shrinkage, by_eigenvectors, monkeypatch
+):
     """With d > n the resamples are scored through the n x n Gram matrix (Woodbury): each equals scikit-learn's
     Ledoit-Wolf or the pseudo-inverse formula on the resample's own d x d covariance, in stacks of 3, with a constant
-    column and a resample that repeats one row per class."""
+    column and a resample that repeats one row per class; also where the shrinkage goes through K's eigenvectors (too
+    small to solve by: forced here)."""
+    if by_eigenvectors:
+        monkeypatch.setattr(transferability_module, "_SOLVE_FLOOR", np.inf)
     F, y = blobs(24, 40, classes=3)
     F[:, 5] = -0.5
     order = np.argsort(y, kind="stable")

@@ -43,6 +43,14 @@ def _as_labels(labels) -> np.ndarray:
 # Elements of the stacked resamples and their d x d covariances scored at once: the bootstrap's numpy calls batched,
 # in bounded memory (32 MB of float64) whatever the feature dimension.
 _BATCH_ELEMENTS = 1 << 22
+# Below this shrinkage (lam, relative to the mean eigenvalue of K) the Gram H-score takes K's eigenvectors instead of a
+# solve with K + lam I, which is then close to singular.
+_SOLVE_FLOOR = 1e-9
+
+
+def _ledoit_wolf_alpha(beta: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Ledoit-Wolf's shrinkage towards mu * I, min(beta, delta) / delta (0 where the covariance is already mu * I)."""
+    return np.where(delta > 0, np.minimum(beta, delta) / np.where(delta > 0, delta, 1.0), 0.0)
 
 
 def _h_scores(F: np.ndarray, inverse: np.ndarray, shrinkage: bool) -> np.ndarray:
@@ -66,7 +74,7 @@ def _h_scores(F: np.ndarray, inverse: np.ndarray, shrinkage: bool) -> np.ndarray
     delta = ((cov_f - mu[:, None, None] * eye) ** 2).sum(axis=(1, 2)) / d
     squared = centred**2
     beta = (np.einsum("bni,bnj->b", squared, squared) / n - (cov_f**2).sum(axis=(1, 2))) / (d * n)
-    alpha = np.where(delta > 0, np.minimum(beta, delta) / np.where(delta > 0, delta, 1.0), 0.0)[:, None, None]
+    alpha = _ledoit_wolf_alpha(beta, delta)[:, None, None]
     shrunk = (1.0 - alpha) * cov_f + alpha * mu[:, None, None] * eye
     shrunk[~informative] = eye
     scores = np.einsum("bii->b", np.linalg.solve(shrunk, (1.0 - alpha) * cov_g))
@@ -80,8 +88,8 @@ def _gram_h_scores(F: np.ndarray, rows: np.ndarray, inverse: np.ndarray, shrinka
     quantity of the Ledoit-Wolf H-score is a function of K = X X^T (X the centred resample): with S = (1 - a) X^T X / n
     + a mu I, Woodbury gives tr(S^-1 (1 - a) Sigma_G) = sum_c b_c^T K (K + lam I)^-1 b_c / n_c, with lam = a mu n /
     (1 - a) and b_c class c's indicator, centred; that is C - 1 - lam sum_c b_c^T (K + lam I)^-1 b_c / n_c, one n x n
-    solve. Plain (lam = 0, or too small to solve by) is the projection onto K's range, by eigenvectors: the
-    pseudo-inverse. K comes from one Gram matrix of all n samples, so a resample costs n^3, not n^2 d.
+    solve. Plain (lam = 0: the pseudo-inverse) or lam too small to solve by goes through K's eigenvectors instead.
+    K comes from one Gram matrix of all n samples, so a resample costs n^3, not n^2 d.
     """
     n, d = F.shape
     centred = F - F.mean(0)
@@ -101,20 +109,22 @@ def _gram_h_scores(F: np.ndarray, rows: np.ndarray, inverse: np.ndarray, shrinka
             frobenius = (K**2).sum((1, 2)) / n**2
             delta = (frobenius - mu**2 * d) / d
             beta = ((np.einsum("bii->bi", K) ** 2).sum(1) / n - frobenius) / (d * n)
-            alpha = np.where(delta > 0, np.minimum(beta, delta) / np.where(delta > 0, delta, 1.0), 0.0)
+            alpha = _ledoit_wolf_alpha(beta, delta)
             lam = np.where(alpha < 1, alpha * mu * n / np.maximum(1 - alpha, 1e-300), np.inf)
         score = np.zeros(len(K))
-        solve = np.isfinite(lam) & (lam > 1e-9 * trace / n)
+        solve = np.isfinite(lam) & (lam > _SOLVE_FLOOR * trace / n)
         if solve.any():
             shifted = K[solve] + lam[solve, None, None] * np.eye(n)
             quadratic = np.einsum("nc,bnc,c->b", indicators, np.linalg.solve(shifted, indicators), 1.0 / counts)
             score[solve] = len(counts) - 1 - lam[solve] * quadratic
-        exact = ~solve & np.isfinite(lam)  # plain: f(k) = 1 on K's range
+        exact = ~solve & np.isfinite(lam)  # f(k) = k / (k + lam) on K's range: 1 there when plain (lam = 0)
         if exact.any():
             eigenvalues, eigenvectors = np.linalg.eigh(K[exact])
             kept = eigenvalues > eigenvalues.max(1, keepdims=True).clip(min=0) * max(n, d) * np.finfo(float).eps
+            k = np.where(kept, eigenvalues, 0.0)
+            f = np.divide(k, k + lam[exact, None], out=np.zeros_like(k), where=kept)
             projections = np.einsum("bnj,nc->bjc", eigenvectors, indicators) ** 2
-            score[exact] = np.einsum("bj,bjc,c->b", kept.astype(float), projections, 1.0 / counts)
+            score[exact] = np.einsum("bj,bjc,c->b", f, projections, 1.0 / counts)
         scores.append(np.where(trace > 0, score, 0.0))
     return np.concatenate(scores)
 
