@@ -308,3 +308,40 @@ def test_an_old_head_that_beats_its_reference_is_related_only_if_its_pooled_feat
     assert nearest[0] < nearest[1] and np.linalg.norm(old - guided.embedding.numpy(), axis=1).min() >= (
         median_pairwise_distance(old) * (1 - 1e-6)
     )
+
+
+def test_the_pooled_test_compares_the_features_in_the_frozen_features_leading_directions():
+    """beats_pooled_reference is the pooled test read in relatedness_pooled_dims principal directions of the frozen
+    features (scikit-learn's PCA, fitted on them), on the same resamples as the head's test."""
+    from sklearn.decomposition import PCA
+
+    from hyperlora import HyperLoraConfig
+    from hyperlora.method.embedding import guided_embedding
+    from hyperlora.method.transferability import transferability
+
+    rng = np.random.default_rng(0)
+    labels = torch.as_tensor(np.repeat(np.arange(4), 32))
+    centres = rng.normal(size=(4, 40))
+    frozen = torch.as_tensor(0.5 * centres[labels.numpy()] + rng.normal(size=(128, 40)) * np.linspace(2, 0.2, 40))
+    adapted = [frozen + w * torch.as_tensor(centres[labels.numpy()]) for w in (1.0, 0.02)]
+    heads = [torch.nn.Linear(40, 4, bias=False).double() for _ in range(2)]
+    with torch.no_grad():
+        for head in heads:
+            head.weight.copy_(torch.as_tensor(centres))
+
+    def features_of(task, first=None):
+        return (frozen if task is None else adapted[task])[:first]
+
+    config = HyperLoraConfig(target_modules=["qkv"], h_score_features="head", relatedness_pooled_dims=3)
+    guided = guided_embedding(rng.normal(size=(2, 32)), features_of, labels, config, seed=3, heads=heads)
+    pca = PCA(n_components=3).fit(frozen.numpy())
+    expected = transferability(
+        [pca.transform(f.numpy()) for f in adapted],
+        labels,
+        resamples=config.h_score_resamples,
+        seed=3,
+        reference=[pca.transform(frozen.numpy())],
+    ).beats_reference
+    assert (guided.beats_reference == 1.0).all()  # both heads pass, so both are read
+    assert expected[0] == 1.0 and 0 < expected[1] < 1  # one sure win, one near tie: both sides of the test
+    np.testing.assert_allclose(guided.beats_pooled_reference, expected)

@@ -14,6 +14,7 @@ from hyperlora.method.transferability import (
     frozen_reference,
     h_score,
     old_task_features,
+    principal_subspace,
     screen_old_tasks,
     transferability,
 )
@@ -292,3 +293,24 @@ def test_sample_reads_read_each_screen_once_and_the_rest_only_for_a_full_read():
     whole = SampleReads(reader(32), sample, screen=32)  # a screen as large as the sample: one part
     reads.clear()
     assert torch.equal(whole(1), sample + 1) and reads == [(0, 1)]
+
+
+def test_principal_subspace_reads_both_sides_in_the_reference_s_leading_directions_as_sklearn_pca_does():
+    """Cross-checked against scikit-learn's PCA fitted on the reference: same projections up to each direction's sign,
+    so the same H-scores; with no more dimensions than asked for, the features are left as they are."""
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 16)
+    reference = rng.normal(size=(64, 40)) * np.linspace(3, 0.1, 40)
+    others = [rng.normal(size=(64, 40)), torch.as_tensor(reference[:, ::-1].copy())]
+    projected, read = principal_subspace(reference, others, 5)
+    pca = PCA(n_components=5, svd_solver="full").fit(reference)
+    for ours, theirs in zip([projected, *read], [reference, *others], strict=True):
+        expected = pca.transform(np.asarray(theirs)) + pca.mean_ @ pca.components_.T  # ours does not centre
+        signs = np.sign((ours * expected).sum(0))
+        np.testing.assert_allclose(ours * signs, expected, atol=1e-9)
+        assert h_score(ours, labels) == pytest.approx(h_score(expected, labels), rel=1e-9)
+    whole, kept = principal_subspace(reference, others, 40)
+    np.testing.assert_array_equal(whole, reference)
+    np.testing.assert_array_equal(kept[1], others[1].numpy())

@@ -18,6 +18,7 @@ from .transferability import (
     frozen_reference,
     head_logits,
     old_task_features,
+    principal_subspace,
     related_old_tasks,
     screen_old_tasks,
     transferability,
@@ -333,7 +334,8 @@ def guided_embedding(
     if pooled is not None:  # the second test, only where the first passed (m stays every old task)
         by_pooled, tested = np.full(num_old, np.nan), np.flatnonzero(related)
         if tested.size:
-            by_pooled[tested] = estimate([pooled[i] for i in tested], reference=[frozen]).beats_reference
+            reference, adapted = principal_subspace(frozen, [pooled[i] for i in tested], config.relatedness_pooled_dims)
+            by_pooled[tested] = estimate(adapted, reference=[reference]).beats_reference
         related = related_old_tasks(by_pooled, config.relatedness_confidence)
     judged = {
         "reference": scores.reference,

@@ -280,6 +280,22 @@ class SampleReads:
         return head if self.screen == len(self.frozen) else torch.cat([head, self.read(1, task_id)])
 
 
+def principal_subspace(reference, others: Sequence, dims: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``reference`` and ``others`` read in the top ``dims`` principal directions of ``reference`` (as they are where
+    it has no more dimensions than that).
+
+    Why: the pooled features' H-score on n = 128 images of d = 768-1280 dimensions needs Ledoit-Wolf to shrink hard,
+    and what survives the shrinkage hardly differs between an adapter that helps and the frozen backbone: beating it
+    in every resample becomes a test without power. In the frozen features' own leading directions, with n well above
+    ``dims``, it keeps its power; both sides are read in the same directions, so the comparison stays like for like.
+    """
+    F = _as_float64(reference)
+    if dims >= F.shape[1]:
+        return F, [_as_float64(features) for features in others]
+    basis = np.linalg.svd(F - F.mean(0), full_matrices=False)[2][:dims].T
+    return F @ basis, [_as_float64(features) @ basis for features in others]
+
+
 def frozen_reference(kind: str, num_old_tasks: int, frozen, heads: Sequence[nn.Module] | None = None):
     """What the frozen backbone makes of the new task's samples in each old task's place, read as
     ``old_task_features`` reads the old task (``frozen``: their pooled features without any adapter): for "head",

@@ -41,6 +41,7 @@ _POSITIVE_INTS = (
     "h_score_finalists",
     "h_score_screen_samples",
     "reg_max_tasks",
+    "relatedness_pooled_dims",
 )
 _NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage", "relatedness_confidence")
 _NUMBERS = ("lora_alpha", "lora_dropout", *_NON_NEGATIVE_FLOATS)
@@ -126,6 +127,15 @@ class HyperLoraConfig(PeftConfig):
             "features also beat the frozen backbone's pooled features (their H-scores, with the same confidence): "
             "the question that starting from it answers. The old head's read of the frozen features, the head's own "
             "reference, is easy to beat: old heads that transfer nothing beat it in every resample."
+        },
+    )
+    relatedness_pooled_dims: int = field(
+        default=16,
+        metadata={
+            "help": "relatedness_pooled compares the pooled features in this many leading principal directions of "
+            "the frozen features (all of them where they have fewer): on h_score_adapted_samples images, enough "
+            "samples per dimension for the comparison to have power; in all 768-1280 dimensions Ledoit-Wolf "
+            "shrinks both sides alike and a helpful adapter rarely wins every resample."
         },
     )
     normalisation: Normalisation = field(default="ahp", metadata={"help": "ahp | minmax | none."})
