@@ -289,9 +289,11 @@ def top_ranked(runs: list[dict], kind: str) -> dict:
     """For each probe with an old task whose transfer is positive beyond its seed-to-seed noise (mean over seeds above
     twice its standard error), the share of seeds in which ``kind``'s H-score ranks one of those first; over all such
     (probe, seed) pairs, ``share``. For the probes with none, how far the H-embedding starts from the nearest old
-    embedding, in units of tau (where the run recorded tau): at least 1 is a fresh start."""
+    embedding, in units of tau (where the run recorded tau): at least 1 is a fresh start. ``related``: of the
+    (probe, seed, old task) triples whose old task transfers, how many the estimator marked related (inherited from),
+    and out of how many; None where it judges no relatedness."""
     probes = {}
-    hits = []
+    hits, related = [], []
     for p, entry in enumerate(runs[0]["probes"]):
         truth = np.array([[row[GROUND_TRUTH] for row in run["probes"][p]["pairs"]] for run in runs])
         error = truth.std(0, ddof=1) / np.sqrt(len(runs))
@@ -302,6 +304,12 @@ def top_ranked(runs: list[dict], kind: str) -> dict:
             tops = [int(np.argmax([row[f"h_score_{kind}"] for row in run["probes"][p]["pairs"]])) for run in runs]
             record["top"] = [names[t] for t in tops]
             hits += [bool(positive[t]) for t in tops]
+            related += [
+                row.get(f"related_{kind}")
+                for run in runs
+                for row, keep in zip(run["probes"][p]["pairs"], positive, strict=True)
+                if keep
+            ]
         else:  # the kind's own H-embedding where the run fitted one per estimator
             own = f"embedding_distance_{kind}"
             distance = own if own in entry["pairs"][0] else "embedding_distance"
@@ -311,7 +319,13 @@ def top_ranked(runs: list[dict], kind: str) -> dict:
                 if "tau" in run["probes"][p]
             ]
         probes[entry["probe"]] = record
-    return {"share": float(np.mean(hits)) if hits else None, "pairs": len(hits), "probes": probes}
+    judged = [value for value in related if value is not None]
+    return {
+        "share": float(np.mean(hits)) if hits else None,
+        "pairs": len(hits),
+        "related": [sum(judged), len(judged)] if judged else None,
+        "probes": probes,
+    }
 
 
 def _stat(values) -> dict[str, float | None]:
@@ -328,10 +342,12 @@ def _top_ranked_lines(ranked: dict | None) -> list[str]:
         "Does the top-ranked old task transfer? Per probe with an old task whose transfer is positive beyond its "
         "seed-to-seed noise (mean over seeds above twice its standard error), the share of seeds in which the H-score "
         "ranks one of them first (target: 80%); for probes with none, the H-embedding's distance to the nearest old "
-        "embedding over tau (target: at least 1).",
+        "embedding over tau (target: at least 1). Related: of the (probe, seed, old task) triples whose old task "
+        "transfers, how many the new task inherits from (marked related).",
         "",
-        "| features | top-ranked transfers | probes with positive transfer (old tasks) | none: nearest / tau |",
-        "|---|---|---|---|",
+        "| features | top-ranked transfers | related | probes with positive transfer (old tasks) "
+        "| none: nearest / tau |",
+        "|---|---|---|---|---|",
     ]
     for kind, result in ranked.items():
         positive = "; ".join(
@@ -345,7 +361,8 @@ def _top_ranked_lines(ranked: dict | None) -> list[str]:
             if not record["positive"]
         )
         share = "-" if result["share"] is None else f"{100 * result['share']:.0f}% of {result['pairs']}"
-        lines.append(f"| {kind} | {share} | {positive or '-'} | {fresh or '-'} |")
+        judged = "-" if result.get("related") is None else "{} of {}".format(*result["related"])
+        lines.append(f"| {kind} | {share} | {judged} | {positive or '-'} | {fresh or '-'} |")
     return [*lines, ""]
 
 

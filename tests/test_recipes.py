@@ -556,6 +556,11 @@ def test_relations_top_ranked_counts_only_old_tasks_that_transfer_beyond_seed_no
     ]
     assert result["share"] == pytest.approx(1 / 3) and result["pairs"] == 3
     assert result["probes"]["b"] == {"positive": [], "nearest_over_tau": [1.5, 1.5, 1.5]}
+    assert result["related"] is None  # the runs judged no relatedness
+    for seed, inherits in enumerate((True, False, True)):  # old-0 marked related in seeds 0 and 2; old-1 always
+        for row in runs[seed]["probes"][0]["pairs"]:
+            row["related_head"] = row["old_task"] == "old-1" or (inherits and row["old_task"] == "old-0")
+    assert relations.top_ranked(runs, "head")["related"] == [2, 3]  # old-1 does not transfer: not counted
 
 
 def test_scale_benchmark_times_the_estimator_it_is_given():
