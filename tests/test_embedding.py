@@ -198,27 +198,38 @@ def test_the_fits_hand_written_gradients_are_autograds():
 
 
 @pytest.mark.parametrize("seed", [1, 2, 8])
-def test_a_fresh_start_keeps_tau_from_every_old_embedding_even_where_the_fit_does_not(seed):
-    """Eight old tasks in 32 dimensions, targets of tau to 2 tau: the bare fit ends at 0.95-0.96 tau from one old
-    embedding here (as a relations probe did); with min_distance it is moved out, no further than it must along its
-    ray."""
+def test_a_fresh_start_is_the_seeded_random_embedding_kept_tau_from_every_old_one(seed):
+    """Eight old tasks in 32 dimensions: the fresh start is the N(0, 1) draw a random embedding would be, moved out
+    along its ray from the nearest old embedding only where it lies nearer than tau (as it does here)."""
     rng = np.random.default_rng(seed)
     old = rng.normal(size=(8, 32))
     targets = target_distances(rng.uniform(0.1, 0.5, size=8), old)
     tau = median_pairwise_distance(old)
-    bare = fit_h_embedding(old, targets.distances, seed=seed).embedding.numpy()
-    kept = fit_h_embedding(old, targets.distances, seed=seed, min_distance=targets.min_distance).embedding.numpy()
-    before = np.linalg.norm(old - bare, axis=1)
+    fresh = fit_h_embedding(old, targets.distances, seed=seed, min_distance=targets.min_distance).embedding.numpy()
+    draw = torch.randn(32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+    before = np.linalg.norm(old - draw, axis=1)
     assert before.min() < tau  # the case the bound is for
-    assert np.linalg.norm(old - kept, axis=1).min() >= tau * (1 - 1e-6)
-    nearest = before.argmin()
-    ray = (kept - bare) / np.linalg.norm(kept - bare)
-    np.testing.assert_allclose(ray, (bare - old[nearest]) / before[nearest], atol=1e-5)
-    least, most = tau - before.min(), tau + before.max()
-    step = np.linalg.norm(kept - bare)
-    assert least - 1e-6 <= step <= most + 1e-6
-    if step > least + 1e-6:  # a step shorter by one of the 64 candidates' spacing still leaves one inside
-        assert np.linalg.norm(old - (bare + ray * (step - (most - least) / 64)), axis=1).min() < tau
+    assert np.linalg.norm(old - fresh, axis=1).min() >= tau * (1 - 1e-6)
+    ray = (fresh - draw) / np.linalg.norm(fresh - draw)
+    np.testing.assert_allclose(ray, (draw - old[before.argmin()]) / before.min(), atol=1e-5)
+
+
+def test_a_fresh_start_shares_no_more_with_the_old_task_than_a_random_embedding_does():
+    """With one old task, the fit to tau starts next to it and stops on the sphere: cosine about 0.5 with it; the fresh
+    start shares no more with it than a random embedding does (cosines centred on 0, a little below, as the draws
+    nearer than tau are moved away), and is of its norm."""
+    rng = np.random.default_rng(0)
+    cosines, fitted, norms = [], [], []
+    for seed in range(100):
+        old = rng.normal(size=(1, 32))
+        tau = median_pairwise_distance(old)
+        for out, bound in ((cosines, tau), (fitted, None)):
+            e = fit_h_embedding(old, [tau], seed=seed, min_distance=bound, steps=100).embedding.double().numpy()
+            out.append(e @ old[0] / np.linalg.norm(e) / np.linalg.norm(old))
+            if bound is not None:
+                norms.append(np.linalg.norm(e) / np.linalg.norm(old))
+    assert -0.15 < np.mean(cosines) < 0.02 and np.mean(fitted) > 0.3
+    assert 0.9 < np.median(norms) < 1.2
 
 
 def test_a_fresh_start_next_to_the_only_old_embedding_is_moved_out_to_tau_exactly():
@@ -249,7 +260,7 @@ def test_relatedness_holds_its_confidence_for_all_old_tasks_together():
 @pytest.mark.parametrize("seed", [7, 11, 13])
 def test_guided_embedding_starts_fresh_at_tau_or_beyond_when_no_old_task_beats_the_frozen_backbone(seed, monkeypatch):
     """Old tasks whose features are noise lose to the frozen backbone in every resample: none is related, and the
-    H-embedding keeps tau from all eight old embeddings, where its bare fit ended at 0.82-0.97 tau."""
+    H-embedding keeps tau from all eight old embeddings, where its random draw alone lies nearer."""
     import hyperlora.method.embedding as embedding_module
     from hyperlora import HyperLoraConfig
 
@@ -268,7 +279,7 @@ def test_guided_embedding_starts_fresh_at_tau_or_beyond_when_no_old_task_beats_t
     guided = embedding_module.guided_embedding(old, features_of, labels, config, seed=seed)
     assert not related_old_tasks(guided.beats_reference, config.relatedness_confidence).any()
     assert np.linalg.norm(old - guided.embedding.numpy(), axis=1).min() >= tau * (1 - 1e-6)
-    monkeypatch.setattr(embedding_module, "_keep_away", lambda e, *_: e)  # the bare fit: nearer than tau
+    monkeypatch.setattr(embedding_module, "_keep_away", lambda e, *_: e)  # the bare draw: nearer than tau
     bare = embedding_module.guided_embedding(old, features_of, labels, config, seed=seed).embedding.numpy()
     assert np.linalg.norm(old - bare, axis=1).min() < tau
 
