@@ -200,7 +200,8 @@ def test_the_fits_hand_written_gradients_are_autograds():
 @pytest.mark.parametrize("seed", [1, 2, 8])
 def test_a_fresh_start_is_the_seeded_random_embedding_kept_tau_from_every_old_one(seed):
     """Eight old tasks in 32 dimensions: the fresh start is the N(0, 1) draw a random embedding would be, moved out
-    along its ray from the nearest old embedding only where it lies nearer than tau (as it does here)."""
+    along its ray from the nearest old embedding only where it lies nearer than tau (as it does here), and no further
+    than it must."""
     rng = np.random.default_rng(seed)
     old = rng.normal(size=(8, 32))
     targets = target_distances(rng.uniform(0.1, 0.5, size=8), old)
@@ -212,6 +213,11 @@ def test_a_fresh_start_is_the_seeded_random_embedding_kept_tau_from_every_old_on
     assert np.linalg.norm(old - fresh, axis=1).min() >= tau * (1 - 1e-6)
     ray = (fresh - draw) / np.linalg.norm(fresh - draw)
     np.testing.assert_allclose(ray, (draw - old[before.argmin()]) / before.min(), atol=1e-5)
+    least, most = tau - before.min(), tau + before.max()
+    step = np.linalg.norm(fresh - draw)
+    assert least - 1e-6 <= step <= most + 1e-6
+    if step > least + 1e-6:  # a step shorter by one of the 64 candidates' spacing still leaves one inside
+        assert np.linalg.norm(old - (draw + ray * (step - (most - least) / 64)), axis=1).min() < tau
 
 
 def test_a_fresh_start_shares_no_more_with_the_old_task_than_a_random_embedding_does():

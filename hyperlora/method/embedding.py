@@ -137,8 +137,8 @@ def target_distances(
 
     ``related`` (a mask over the old tasks: those that beat the frozen backbone beyond the noise) halves their
     targets, to [tau / 2, tau]: the new task starts nearer to them than any unrelated embedding is, and inherits
-    their generated weights; without a related old task every target stays at tau or beyond, a fresh start, and
-    ``min_distance`` makes tau a bound the fit must keep, not only a target it approaches.
+    their generated weights; without a related old task every target stays at tau or beyond and ``min_distance``
+    (tau) asks ``fit_h_embedding`` for a fresh start: a random embedding at least that far from every old one.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
@@ -218,7 +218,8 @@ def fit_h_embedding(
     embedding starts, moved straight away from its nearest old embedding until every one is at least that far. Not
     the fit: it starts near the old embeddings and stops as soon as they are far enough, so with one old task it ends
     at cosine 0.2-0.6 with it and 1.3-1.7 times its norm, sharing its generated weights (the second task of the domain
-    and mixed sequences ended 3 points below a random start). Deterministic for a seed; the global RNG is untouched.
+    and mixed sequences ended 3.2 points below no guidance's random start). Deterministic for a seed; the global RNG
+    is untouched.
     """
     generator = torch.Generator().manual_seed(seed)
     if isinstance(old_embeddings, torch.Tensor):
