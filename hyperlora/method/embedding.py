@@ -242,7 +242,8 @@ def fit_h_embedding(
     D = torch.as_tensor(d, dtype=torch.float64)
     if min_distance is not None:
         fresh = torch.randn(E.shape[1], generator=generator, dtype=torch.float64)
-        return _fitted(_keep_away(fresh, E, min_distance), 1.0, E, d)
+        # a hair beyond the bound, so that it still holds once the embedding is cast to float32
+        return _fitted(_keep_away(fresh, E, min_distance * (1 + 1e-6)), 1.0, E, d)
     spread = float(torch.cdist(E, E).max()) if E.shape[0] > 1 else float(D[0])
     nearest = torch.argsort(D, stable=True)[: max(1, starts - 1)]
     inits = torch.cat([E[nearest], E.mean(0, keepdim=True)])
