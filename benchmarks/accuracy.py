@@ -6,10 +6,9 @@ Methods (``--methods``):
 - ablations, each one HyperLoraConfig switch: ``no_guidance`` (normalisation "none": learned, randomly initialised
   task embeddings, no H-embedding), ``minmax`` (min-max instead of AHP), ``random_init`` (task embeddings start at
   random, guidance kept), ``no_projection`` (head updates not projected away from old tasks), ``no_regulariser``
-  (beta_reg 0), ``no_emb_loss`` (beta_emb 0: the H-embedding start without the guidance loss); a variant,
-  ``head_scores`` (h_score_features "head": the old tasks' heads under their adapters, read
-  against the frozen backbone, so that a related old task is inherited from), ``free_pace`` (the heads' free part at
-  a LoRA's pace) and ``inherit`` (both);
+  (beta_reg 0), ``no_emb_loss`` (beta_emb 0: the H-embedding start without the guidance loss), ``shared_trunk`` (a
+  task that inherits trains the hypernetwork's trunk too, instead of its free part alone); a variant, ``free_pace``
+  (every task's free part at a LoRA's pace, not only an inheriting one's);
 - ``lora_per_task``: one independent PEFT LoRA adapter and head per task (task-incremental ceiling, T adapters);
 - ``lora_sequential``: one PEFT LoRA adapter fine-tuned through all tasks, a head per task (the forgetting floor);
 - ``lora_ewc``: the same, with online EWC (diagonal empirical Fisher) on the adapter's parameters;
@@ -372,9 +371,8 @@ ABLATIONS = {
     "no_projection": {"head_projection": False},
     "no_regulariser": {"beta_reg": 0.0},
     "no_emb_loss": {"beta_emb_slope": 0.0},  # the H-embedding start without the guidance loss: does L_emb act?
-    "head_scores": {"h_score_features": "head"},  # old tasks' models, with the frozen reference: may inherit
     "free_pace": {"free_pace": True},
-    "inherit": {"h_score_features": "head", "free_pace": True},  # head_scores, its free part at a LoRA's pace
+    "shared_trunk": {"inherit_in_free_part": False},  # a task that inherits trains the trunk too
 }
 
 

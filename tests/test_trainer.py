@@ -623,3 +623,35 @@ def test_learning_curves_end_at_each_tasks_accuracy_after_training(tmp_path, tas
     assert run(tmp_path / "none", tasks[:1])["learning_curves"] == [[]]
     with pytest.raises(ValueError, match="eval_curve_points"):
         ContinualTrainingArguments(eval_curve_points=-1)
+
+
+@pytest.mark.parametrize("inherits", [True, False])
+def test_a_task_that_inherits_leaves_the_old_tasks_generated_weights_exactly_as_they_were(inherits):
+    """Started near a related old task, a task trains its embedding and the heads' free part only: the old task's
+    activations cannot move, so its protected weights cannot either. A task that does not inherit also trains the
+    trunk, which moves them (what the output regulariser holds)."""
+    from peft import get_peft_model
+
+    from hyperlora.method.losses import flat_outputs
+    from hyperlora.training.step import create_optimizer
+
+    model = get_peft_model(tiny_vit(), config())
+    tuner, hypernet = model.base_model, model.base_model.hypernet
+    old = hypernet.task_embeddings[model.add_task()].detach()
+    model.add_task(old + 0.1 * torch.randn(8, generator=torch.Generator().manual_seed(0)))
+    head = torch.nn.Linear(32, 2)
+    step = TaskStep(model, head, 1, config(), h_embedding=hypernet.task_embeddings[1].detach(), inherits=inherits)
+    trunk = [*hypernet.trunk.parameters(), hypernet.module_embeddings]
+    assert any(p.requires_grad for p in trunk) is not inherits
+    optimizer = create_optimizer(step, ContinualTrainingArguments(learning_rate=1e-2, head_learning_rate=1e-2))
+    before = [flat_outputs(tuner.generate([i])).detach().clone() for i in (0, 1)]
+    pixels, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 0, 1])
+    for _ in range(3):
+        step(pixels, labels)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    old_moved, new_moved = ((flat_outputs(tuner.generate([i])) - before[i]).abs().max().item() for i in (0, 1))
+    step.release()
+    assert new_moved > 1e-3
+    assert (old_moved < 1e-6) == inherits, old_moved
+    assert all(p.requires_grad for p in trunk)

@@ -32,7 +32,9 @@ class TaskStep(nn.Module):
 
     Built when task t starts: it records the old tasks' generated weights (what the regulariser holds and the guidance
     compares with), the relations of the H-embedding's weights to them (the guidance's targets), and protects the
-    hypernetwork heads' directions that produce them (``HyperNetwork.protect_tasks``; ``release`` ends it).
+    hypernetwork heads' directions that produce them (``HyperNetwork.protect_tasks``; ``release`` ends it). A task that
+    ``inherits`` (starts near a related old task) trains only its embedding and the heads' free part
+    (``inherit_in_free_part``).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class TaskStep(nn.Module):
         config: HyperLoraConfig,
         h_embedding: torch.Tensor | None = None,
         seed: int = 0,
+        inherits: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.head, self.t, self.config = model, head, t, config
@@ -56,8 +59,16 @@ class TaskStep(nn.Module):
                 if guided:
                     h_output = tuner.hypernet(h_embedding.to(head.weight.device, torch.float32)[None])
                     self.kappa = relation_targets(h_output, self.old_outputs)
+        hypernet = tuner.hypernet
+        # Inheriting, the trunk and module embeddings stay fixed: the old tasks' activations cannot move, nor (through
+        # the protected heads) their generated weights, and the new task learns in the free part at a LoRA's pace.
+        in_free_part = t > 0 and inherits and config.inherit_in_free_part and config.head_projection
         if t > 0 and config.head_projection:  # the heads train only where the old tasks' activations are not
-            tuner.hypernet.protect_tasks(range(t), pace_task=t if config.free_pace else None)
+            hypernet.protect_tasks(range(t), pace_task=t if config.free_pace or in_free_part else None)
+        trunk = (*hypernet.trunk.parameters(), hypernet.module_embeddings)
+        self.fixed = [p for p in trunk if p.requires_grad] if in_free_part else []
+        for p in self.fixed:
+            p.requires_grad_(False)
         self.reg_generator = torch.Generator().manual_seed(seed + 7919 * (t + 1))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -98,8 +109,10 @@ class TaskStep(nn.Module):
         return loss.item(), torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
 
     def release(self) -> None:
-        """The task is trained: its heads' free parts go back into their weights."""
+        """The task is trained: its heads' free parts go back into their weights, and a fixed trunk trains again."""
         self.model.base_model.hypernet.release_tasks()
+        for p in self.fixed:
+            p.requires_grad_(True)
 
 
 def create_optimizer(step: TaskStep, args: ContinualTrainingArguments) -> torch.optim.AdamW:

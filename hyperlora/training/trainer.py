@@ -251,7 +251,12 @@ class ContinualTrainer:
         """Train task t; returns its learning curve, [step, test accuracy] pairs (``eval_curve_points``)."""
         args, accelerator = self.args, self.accelerator
         head = nn.Linear(self.reader.feature_dim(task), task.num_classes).to(accelerator.device)
-        task_step = TaskStep(self.model, head, t, self.config, h_embedding, seed=args.seed)
+        inherits = (
+            h_embedding is not None
+            and self.config.embedding_init == "h_embedding"
+            and 1.0 in state.h_score_related[t][:t]
+        )
+        task_step = TaskStep(self.model, head, t, self.config, h_embedding, seed=args.seed, inherits=inherits)
         train_mode(self.model)
         optimizer = create_optimizer(task_step, args)
         loader = self.reader.loader(task, "train", augment=args.augment, shuffle=True, shard=False, seed=args.seed + t)

@@ -45,7 +45,14 @@ _POSITIVE_INTS = (
 )
 _NON_NEGATIVE_FLOATS = ("beta_reg", "beta_emb_slope", "router_shrinkage", "relatedness_confidence")
 _NUMBERS = ("lora_alpha", "lora_dropout", *_NON_NEGATIVE_FLOATS)
-_BOOLS = ("h_score_shrinkage", "relatedness_pooled", "head_projection", "free_pace", "inference_mode")
+_BOOLS = (
+    "h_score_shrinkage",
+    "relatedness_pooled",
+    "head_projection",
+    "free_pace",
+    "inherit_in_free_part",
+    "inference_mode",
+)
 _MODULE_LISTS = ("target_modules", "exclude_modules", "modules_to_save")
 # adapter_config.json key (not a field) with the SHA-256 of the weights file(s) saved next to it.
 CHECKSUM_KEY = "weights_sha256"
@@ -155,6 +162,14 @@ class HyperLoraConfig(PeftConfig):
         metadata={
             "help": "Scale each head's free part so that the new task's weights move at a LoRA's pace however much of "
             "its activation lies in the protected directions (a task started near an old one overlaps them most)."
+        },
+    )
+    inherit_in_free_part: bool = field(
+        default=True,
+        metadata={
+            "help": "A task that starts near a related old task trains only its embedding and the heads' free part, at "
+            "a LoRA's pace, with the hypernet's trunk and module embeddings fixed: the old tasks it inherits from "
+            "cannot move."
         },
     )
     beta_reg: float = field(default=0.05, metadata={"help": "Weight of the hypernet output regulariser."})
