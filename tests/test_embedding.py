@@ -186,6 +186,19 @@ def test_related_old_tasks_get_half_their_target_and_without_any_every_target_st
         target_distances([0.2, 0.6, 0.4], old, related=[True])
 
 
+def test_inheriting_from_the_best_halves_only_the_top_scoring_related_old_tasks_target():
+    old = np.eye(4)
+    scores, related = [0.2, 0.6, 0.4, 0.9], [True, True, True, False]  # the top score overall is not related
+    plain = target_distances(scores, old).distances
+    best = target_distances(scores, old, related=related, inherit_from="best").distances
+    np.testing.assert_allclose(best, plain * [1.0, 0.5, 1.0, 1.0])
+    unrelated = target_distances(scores, old, related=[False] * 4, inherit_from="best")
+    np.testing.assert_allclose(unrelated.distances, plain)
+    assert unrelated.min_distance == pytest.approx(median_pairwise_distance(old))
+    with pytest.raises(ValueError, match="inherit_from must be"):
+        target_distances(scores, old, related=related, inherit_from="nearest")
+
+
 def test_the_fits_hand_written_gradients_are_autograds():
     rng = np.random.default_rng(0)
     E, D = torch.as_tensor(rng.normal(size=(5, 7))), torch.as_tensor(rng.uniform(1, 3, size=5))

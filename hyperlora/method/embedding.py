@@ -120,7 +120,7 @@ INHERIT_SCALE = 0.5  # a related old task's target distance is this share of its
 
 
 def target_distances(
-    scores, old_embeddings, normalisation: str = "ahp", *, resampled=None, related=None
+    scores, old_embeddings, normalisation: str = "ahp", *, resampled=None, related=None, inherit_from: str = "related"
 ) -> Targets | None:
     """How far the new task's embedding should sit from each old one: close to the old tasks that transfer best.
 
@@ -138,7 +138,9 @@ def target_distances(
     ``related`` (a mask over the old tasks: those that beat the frozen backbone beyond the noise) halves their
     targets, to [tau / 2, tau]: the new task starts nearer to them than any unrelated embedding is, and inherits
     their generated weights; without a related old task every target stays at tau or beyond and ``min_distance``
-    (tau) asks ``fit_h_embedding`` for a fresh start: a random embedding at least that far from every old one.
+    (tau) asks ``fit_h_embedding`` for a fresh start: a random embedding at least that far from every old one. With
+    ``inherit_from="best"`` only the top-scoring related old task's target is halved: where related scores tie within
+    the noise, AHP gives them near-equal targets and the new task would start among them, inheriting their average.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
@@ -161,6 +163,10 @@ def target_distances(
     mask = np.zeros(h.shape, dtype=bool) if related is None else np.asarray(related, dtype=bool)
     if mask.shape != h.shape:
         raise ValueError(f"related must mark each of the {h.size} old tasks, got shape {mask.shape}")
+    if inherit_from not in ("related", "best"):
+        raise ValueError(f"inherit_from must be 'related' or 'best', got {inherit_from!r}")
+    if inherit_from == "best" and mask.any():
+        mask = np.arange(h.size) == np.flatnonzero(mask)[np.argmax(h[mask])]
     distances = np.where(mask, INHERIT_SCALE * distances, distances)
     return Targets(distances, ratio, None if mask.any() else tau)
 
@@ -356,7 +362,12 @@ def guided_embedding(
         "beats_pooled_reference": by_pooled,
     }
     targets = target_distances(
-        scores.scores, old_embeddings, normalisation=config.normalisation, resampled=scores.resampled, related=related
+        scores.scores,
+        old_embeddings,
+        normalisation=config.normalisation,
+        resampled=scores.resampled,
+        related=related,
+        inherit_from=config.inherit_from,
     )
     if targets is None:
         return GuidedEmbedding(scores.scores, None, None, None, None, **judged)

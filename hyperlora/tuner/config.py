@@ -23,12 +23,14 @@ Normalisation = Literal["ahp", "minmax", "none"]
 EmbeddingInit = Literal["h_embedding", "random"]
 Router = Literal["gaussian", "entropy"]
 HScoreFeatures = Literal["lda", "head", "pooled"]
+InheritFrom = Literal["related", "best"]
 
 _CHOICES = {
     "h_score_features": get_args(HScoreFeatures),
     "normalisation": get_args(Normalisation),
     "embedding_init": get_args(EmbeddingInit),
     "router": get_args(Router),
+    "inherit_from": get_args(InheritFrom),
 }
 _POSITIVE_INTS = (
     "r",
@@ -163,6 +165,10 @@ class HyperLoraConfig(PeftConfig):
             "help": "Scale each head's free part so that the new task's weights move at a LoRA's pace however much of "
             "its activation lies in the protected directions (a task started near an old one overlaps them most)."
         },
+    )
+    inherit_from: InheritFrom = field(
+        default="related",
+        metadata={"help": "Start near every related old task (related) or only the top-ranked one (best)."},
     )
     inherit_in_free_part: bool = field(
         default=True,
