@@ -586,10 +586,18 @@ def test_old_tasks_screened_out_score_as_their_reference_and_the_finalist_as_whe
     np.testing.assert_allclose(reference, full["h_score_reference"][2][:2], rtol=1e-5)
 
 
-def test_head_scores_are_read_against_the_frozen_backbone_and_related_tasks_start_nearer(tmp_path, tasks):
+def test_head_scores_are_read_against_the_frozen_backbone_and_related_tasks_start_nearer(tmp_path, tasks, monkeypatch):
     """h_score_features="head": every old task's score beside the frozen backbone's in its place (its head on the
     frozen features) and how surely it beats it; a task that beats it gets half its target distance, so the new task's
-    H-embedding starts nearer to it than to the old tasks that do not."""
+    H-embedding starts nearer to it than to the old tasks that do not, and it trains as one that inherits."""
+    inherited = []
+    build = TaskStep.__init__
+
+    def recording(self, *args, inherits=False, **kwargs):
+        inherited.append(inherits)
+        build(self, *args, inherits=inherits, **kwargs)
+
+    monkeypatch.setattr(TaskStep, "__init__", recording)
     trainer = ContinualTrainer(tiny_vit(), config(h_score_features="head"), arguments(tmp_path))
     results = trainer.fit(tasks)
     reference, beats = np.array(results["h_score_reference"]), np.array(results["h_score_beats_reference"])
@@ -599,9 +607,11 @@ def test_head_scores_are_read_against_the_frozen_backbone_and_related_tasks_star
         tiny_vit(), config(h_score_features="head", relatedness_confidence=1.5), arguments(tmp_path / "never")
     ).fit(tasks)
     assert never["h_scores"][1] == results["h_scores"][1]  # task 1: the same scores; only the targets may differ
+    inherited.clear()
     head_alone = ContinualTrainer(
         tiny_vit(), config(h_score_features="head", relatedness_pooled=False), arguments(tmp_path / "head")
     ).fit(tasks)
+    assert inherited == [False, True, 1.0 in head_alone["h_score_related"][2]]
     assert head_alone["h_score_related"][1][0] == float(beats[1, 0] >= 0.95)  # its head beats the reference
     # by default its pooled features must beat the frozen backbone's too: here they do not
     assert results["h_score_related"][1][0] == 0.0 and head_alone["h_score_related"][1][0] == 1.0

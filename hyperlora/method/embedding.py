@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from ..optim import cosine_schedule
-from ..tuner.config import HyperLoraConfig, Normalisation
+from ..tuner.config import HyperLoraConfig, InheritFrom, Normalisation
 from .transferability import (
     frozen_reference,
     head_logits,
@@ -25,6 +25,7 @@ from .transferability import (
 )
 
 NORMALISATIONS = get_args(Normalisation)
+INHERIT_FROM = get_args(InheritFrom)
 
 # Saaty's random consistency index for n = 1..15 (mean consistency index of random reciprocal matrices).
 _RANDOM_INDEX = (0.0, 0.0, 0.58, 0.90, 1.12, 1.24, 1.32, 1.41, 1.45, 1.49, 1.51, 1.48, 1.56, 1.57, 1.59)
@@ -120,7 +121,13 @@ INHERIT_SCALE = 0.5  # a related old task's target distance is this share of its
 
 
 def target_distances(
-    scores, old_embeddings, normalisation: str = "ahp", *, resampled=None, related=None, inherit_from: str = "related"
+    scores,
+    old_embeddings,
+    normalisation: str = "ahp",
+    *,
+    resampled=None,
+    related=None,
+    inherit_from: InheritFrom = "related",
 ) -> Targets | None:
     """How far the new task's embedding should sit from each old one: close to the old tasks that transfer best.
 
@@ -163,8 +170,8 @@ def target_distances(
     mask = np.zeros(h.shape, dtype=bool) if related is None else np.asarray(related, dtype=bool)
     if mask.shape != h.shape:
         raise ValueError(f"related must mark each of the {h.size} old tasks, got shape {mask.shape}")
-    if inherit_from not in ("related", "best"):
-        raise ValueError(f"inherit_from must be 'related' or 'best', got {inherit_from!r}")
+    if inherit_from not in INHERIT_FROM:
+        raise ValueError(f"inherit_from must be one of {INHERIT_FROM}, got {inherit_from!r}")
     if inherit_from == "best" and mask.any():
         mask = np.arange(h.size) == np.flatnonzero(mask)[np.argmax(h[mask])]
     distances = np.where(mask, INHERIT_SCALE * distances, distances)
