@@ -8,8 +8,8 @@ Methods (``--methods``):
   random, guidance kept), ``no_projection`` (head updates not projected away from old tasks), ``no_regulariser``
   (beta_reg 0), ``no_emb_loss`` (beta_emb 0: the H-embedding start without the guidance loss), ``shared_trunk`` (a
   task that inherits trains the hypernetwork's trunk too, instead of its free part alone); variants, ``free_pace``
-  (every task's free part at a LoRA's pace, not only an inheriting one's) and ``inherit_best`` (start near the
-  top-ranked related old task only);
+  (every task's free part at a LoRA's pace, not only an inheriting one's) and ``inherit_related`` (start among
+  every related old task, not only near the top-ranked one);
 - ``lora_per_task``: one independent PEFT LoRA adapter and head per task (task-incremental ceiling, T adapters);
 - ``lora_sequential``: one PEFT LoRA adapter fine-tuned through all tasks, a head per task (the forgetting floor);
 - ``lora_ewc``: the same, with online EWC (diagonal empirical Fisher) on the adapter's parameters;
@@ -374,7 +374,7 @@ ABLATIONS = {
     "no_emb_loss": {"beta_emb_slope": 0.0},  # the H-embedding start without the guidance loss: does L_emb act?
     "free_pace": {"free_pace": True},
     "shared_trunk": {"inherit_in_free_part": False},  # a task that inherits trains the trunk too
-    "inherit_best": {"inherit_from": "best"},  # start near the top-ranked related old task only
+    "inherit_related": {"inherit_from": "related"},  # start among every related old task, not the top-ranked one
 }
 
 

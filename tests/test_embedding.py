@@ -175,7 +175,7 @@ def test_related_old_tasks_get_half_their_target_and_without_any_every_target_st
     old = np.eye(3)
     tau = median_pairwise_distance(old)
     plain = target_distances([0.2, 0.6, 0.4], old).distances
-    inherited = target_distances([0.2, 0.6, 0.4], old, related=[False, True, True]).distances
+    inherited = target_distances([0.2, 0.6, 0.4], old, related=[False, True, True], inherit_from="related").distances
     np.testing.assert_allclose(inherited, plain * [1.0, 0.5, 0.5])
     assert inherited.min() == pytest.approx(tau / 2)  # the best related task: nearer than any unrelated one
     fresh = target_distances([0.2, 0.6, 0.4], old, related=[False] * 3)
@@ -190,9 +190,9 @@ def test_inheriting_from_the_best_halves_only_the_top_scoring_related_old_tasks_
     old = np.eye(4)
     scores, related = [0.2, 0.6, 0.4, 0.9], [True, True, True, False]  # the top score overall is not related
     plain = target_distances(scores, old).distances
-    best = target_distances(scores, old, related=related, inherit_from="best").distances
+    best = target_distances(scores, old, related=related).distances  # "best" is the default
     np.testing.assert_allclose(best, plain * [1.0, 0.5, 1.0, 1.0])
-    unrelated = target_distances(scores, old, related=[False] * 4, inherit_from="best")
+    unrelated = target_distances(scores, old, related=[False] * 4)
     np.testing.assert_allclose(unrelated.distances, plain)
     assert unrelated.min_distance == pytest.approx(median_pairwise_distance(old))
     with pytest.raises(ValueError, match="inherit_from must be"):

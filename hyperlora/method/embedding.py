@@ -127,7 +127,7 @@ def target_distances(
     *,
     resampled=None,
     related=None,
-    inherit_from: InheritFrom = "related",
+    inherit_from: InheritFrom = "best",
 ) -> Targets | None:
     """How far the new task's embedding should sit from each old one: close to the old tasks that transfer best.
 
@@ -142,12 +142,13 @@ def target_distances(
     d_i = (h_max - h_i) + eps + h_min sits at the scores' own scale, far inside tau); "none": no guidance (returns
     None).
 
-    ``related`` (a mask over the old tasks: those that beat the frozen backbone beyond the noise) halves their
-    targets, to [tau / 2, tau]: the new task starts nearer to them than any unrelated embedding is, and inherits
-    their generated weights; without a related old task every target stays at tau or beyond and ``min_distance``
-    (tau) asks ``fit_h_embedding`` for a fresh start: a random embedding at least that far from every old one. With
-    ``inherit_from="best"`` only the top-scoring related old task's target is halved: where related scores tie within
-    the noise, AHP gives them near-equal targets and the new task would start among them, inheriting their average.
+    ``related`` (a mask over the old tasks: those that beat the frozen backbone beyond the noise) picks the targets
+    to halve, to [tau / 2, tau]: with ``inherit_from="best"`` (the default) only the top-scoring related old task's,
+    with "related" every related one's. The new task starts nearer to it than any unrelated embedding is, and
+    inherits its generated weights; where related scores tie within the noise, AHP gives them near-equal targets,
+    and halving them all would start the new task among them, inheriting their average. Without a related old task
+    every target stays at tau or beyond and ``min_distance`` (tau) asks ``fit_h_embedding`` for a fresh start: a
+    random embedding at least that far from every old one.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")

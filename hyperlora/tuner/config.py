@@ -167,8 +167,11 @@ class HyperLoraConfig(PeftConfig):
         },
     )
     inherit_from: InheritFrom = field(
-        default="related",
-        metadata={"help": "Start near every related old task (related) or only the top-ranked one (best)."},
+        default="best",
+        metadata={
+            "help": "Start near the top-ranked related old task only (best) or near every related one (related): "
+            "where related scores tie within the noise, 'related' starts among them and inherits their average."
+        },
     )
     inherit_in_free_part: bool = field(
         default=True,
