@@ -315,6 +315,28 @@ def test_guided_embedding_starts_fresh_at_tau_or_beyond_when_no_old_task_beats_t
     assert np.linalg.norm(old - bare, axis=1).min() < tau
 
 
+@pytest.mark.parametrize("inherit_from", ["best", "related"])
+def test_guided_embedding_passes_the_configs_inherit_from_to_the_targets(inherit_from, monkeypatch):
+    import hyperlora.method.embedding as embedding_module
+    from hyperlora import HyperLoraConfig
+
+    rng = np.random.default_rng(0)
+    labels = torch.as_tensor(np.repeat(np.arange(4), 32))
+    features = torch.as_tensor(rng.normal(size=(128, 8)))
+    seen, targets = [], embedding_module.target_distances
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["inherit_from"])
+        return targets(*args, **kwargs)
+
+    monkeypatch.setattr(embedding_module, "target_distances", recording)
+    config = HyperLoraConfig(target_modules=["qkv"], h_score_features="pooled", inherit_from=inherit_from)
+    embedding_module.guided_embedding(
+        rng.normal(size=(3, 16)), lambda task, first=None: features[:first], labels, config
+    )
+    assert seen == [inherit_from]
+
+
 def test_an_old_head_that_beats_its_reference_is_related_only_if_its_pooled_features_beat_the_frozen_ones():
     """Old task 0's adapter only moves the frozen features' class signal to the dimensions its head reads: the head
     beats its reference (itself on the frozen features) in every resample, yet the adapted features hold exactly what
